@@ -1,6 +1,107 @@
-"""t3d_data: see the package README."""
+"""t3d_data: CT/report ingestion, chunked zarr v3 volume store and sub-volume crops for T3D.
+
+Names are imported lazily (PEP 562), so ``import t3d_data`` and the CLI's ``--help`` do not
+load torch or zarr. See the package README for the manifest format and a usage example.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
-__all__: list[str] = []
+
+_EXPORTS = {
+    # errors
+    "T3DDataError": "errors", "ManifestError": "errors", "ReportError": "errors",
+    "VolumeReadError": "errors", "StoreError": "errors", "PrepareAborted": "errors",
+    "StudyLoadError": "errors",
+    # manifest
+    "StudyRecord": "manifest", "load_manifest": "manifest", "patient_split": "manifest",
+    # readers
+    "Volume": "readers", "read_volume": "readers", "read_mask": "readers",
+    "to_canonical": "readers",
+    # text
+    "ReportText": "text", "load_report": "text", "normalise_report": "text",
+    "report_group_ids": "text",
+    # store
+    "prepare": "store", "PrepareSummary": "store", "VolumeStore": "store",
+    "StoreRecord": "store", "source_hash": "store",
+    # crops
+    "CropConfig": "crops", "RandCropSampler": "crops", "scale_hu_window": "crops",
+    # datasets (torch)
+    "CropDataset": "dataset", "VolumeDataset": "dataset", "collate_crops": "dataset",
+    "DataConfig": "dataset", "build_crop_loader": "dataset",
+}
+
+__all__ = [
+    "__version__",
+    "T3DDataError",
+    "ManifestError",
+    "ReportError",
+    "VolumeReadError",
+    "StoreError",
+    "PrepareAborted",
+    "StudyLoadError",
+    "StudyRecord",
+    "load_manifest",
+    "patient_split",
+    "Volume",
+    "read_volume",
+    "read_mask",
+    "to_canonical",
+    "ReportText",
+    "load_report",
+    "normalise_report",
+    "report_group_ids",
+    "prepare",
+    "PrepareSummary",
+    "VolumeStore",
+    "StoreRecord",
+    "source_hash",
+    "CropConfig",
+    "RandCropSampler",
+    "scale_hu_window",
+    "CropDataset",
+    "VolumeDataset",
+    "collate_crops",
+    "DataConfig",
+    "build_crop_loader",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 't3d_data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"t3d_data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from t3d_data.crops import CropConfig, RandCropSampler, scale_hu_window
+    from t3d_data.dataset import (
+        CropDataset,
+        DataConfig,
+        VolumeDataset,
+        build_crop_loader,
+        collate_crops,
+    )
+    from t3d_data.errors import (
+        ManifestError,
+        PrepareAborted,
+        ReportError,
+        StoreError,
+        StudyLoadError,
+        T3DDataError,
+        VolumeReadError,
+    )
+    from t3d_data.manifest import StudyRecord, load_manifest, patient_split
+    from t3d_data.readers import Volume, read_mask, read_volume, to_canonical
+    from t3d_data.store import PrepareSummary, StoreRecord, VolumeStore, prepare, source_hash
+    from t3d_data.text import ReportText, load_report, normalise_report, report_group_ids

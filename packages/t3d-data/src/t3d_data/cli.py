@@ -1,0 +1,108 @@
+"""Command line: ``t3d-data prepare | validate | phantom | demo``.
+
+Heavy modules (torch, zarr, SimpleITK) are imported inside the commands, so ``--help`` is fast.
+Bad input prints one line to stderr and exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk", type=int, default=64, help="chunk edge in voxels (default 64)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="abort when more than this fraction of studies is bad (default 0.05)")
+    p.add_argument("--max-voxels", type=int, default=2**31,
+                   help="refuse volumes with more voxels (default 2**31)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="t3d-data", description="T3D data: validate manifests, prepare chunked CT stores, "
+        "generate phantom CT-report data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="prepare a manifest into a chunked zarr store")
+    p.add_argument("manifest", type=Path, help="JSONL or CSV manifest")
+    p.add_argument("out", type=Path, help="store folder (created; reruns resume)")
+    _add_prepare_args(p)
+    p = sub.add_parser("validate", help="check a manifest and list all its errors")
+    p.add_argument("manifest", type=Path)
+    p = sub.add_parser("phantom", help="write a synthetic CT-report dataset (NIfTI + manifest)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--studies", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="phantom dataset into OUT/phantom, prepared into OUT/store")
+    p.add_argument("out", type=Path)
+    p.add_argument("--studies", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    _add_prepare_args(p)
+    return parser
+
+
+def _prepare(manifest: Path, out: Path, args: argparse.Namespace) -> None:
+    from t3d_data.store import prepare
+
+    summary = prepare(manifest, out, chunk=args.chunk, max_bad_fraction=args.max_bad_fraction,
+                      max_voxels=args.max_voxels, progress=not args.no_progress)
+    print(summary)
+
+
+def _phantom(out: Path, args: argparse.Namespace) -> Path:
+    from t3d_data.phantom import generate_phantom_dataset
+
+    manifest = generate_phantom_dataset(out, n_studies=args.studies, seed=args.seed,
+                                        progress=not getattr(args, "no_progress", False))
+    print(f"phantom dataset: {args.studies} studies, manifest {manifest}")
+    return Path(manifest)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "prepare":
+        _prepare(args.manifest, args.out, args)
+    elif args.command == "validate":
+        from t3d_data.manifest import load_manifest
+
+        records = load_manifest(args.manifest)
+        splits: dict[str, int] = {}
+        for r in records:
+            splits[str(r.split)] = splits.get(str(r.split), 0) + 1
+        print(f"{args.manifest}: {len(records)} studies, "
+              f"{len({r.patient_id for r in records})} patients, splits {splits}")
+    elif args.command == "phantom":
+        _phantom(args.out, args)
+    elif args.command == "demo":
+        manifest = _phantom(args.out / "phantom", args)
+        _prepare(manifest, args.out / "store", args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``t3d-data`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="t3d-data: %(levelname)s: %(message)s")
+    from t3d_data.errors import T3DDataError
+
+    try:
+        _run(args)
+    except (T3DDataError, FileNotFoundError, ValueError) as err:
+        one_line = "; ".join(line for line in str(err).splitlines() if line.strip())
+        print(f"t3d-data: error: {one_line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("t3d-data: interrupted (rerun to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Exceptions raised by t3d_data, one base class so tools can catch bad input in one place.
+
+Every message names the culprit (file, line, field or study) and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "T3DDataError",
+    "ManifestError",
+    "ReportError",
+    "VolumeReadError",
+    "PrepareAborted",
+    "StoreError",
+    "StudyLoadError",
+]
+
+
+class T3DDataError(Exception):
+    """Base class of every error caused by bad input data (not by a bug)."""
+
+
+class ManifestError(T3DDataError, ValueError):
+    """The manifest is invalid; the message lists every error of the file, one per line.
+
+    Attributes:
+        errors: the individual messages, e.g.
+            ``"studies.jsonl line 17: field 'report': empty text (study 'ct_0042')"``.
+    """
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        head = f"{len(self.errors)} error(s) in manifest:" if len(self.errors) > 1 else ""
+        super().__init__("\n".join([head, *self.errors]) if head else self.errors[0])
+
+
+class ReportError(T3DDataError, ValueError):
+    """A report is empty or cannot be read."""
+
+
+class VolumeReadError(T3DDataError, OSError):
+    """A volume (NIfTI / DICOM series) or label map cannot be read safely."""
+
+
+class StoreError(T3DDataError, OSError):
+    """A prepared store is missing or inconsistent."""
+
+
+class PrepareAborted(T3DDataError, RuntimeError):
+    """``prepare`` stopped because too many studies were bad.
+
+    Attributes:
+        prepared: studies written in this run.
+        skipped: studies already present with the same source hash.
+        quarantined: bad studies (see ``quarantine.jsonl`` in the store).
+        total: studies in the manifest.
+    """
+
+    def __init__(self, prepared: int, skipped: int, quarantined: int, total: int, limit: float):
+        self.prepared, self.skipped, self.quarantined, self.total = (
+            prepared, skipped, quarantined, total)
+        super().__init__(
+            f"prepare aborted: {quarantined} of {total} studies are bad "
+            f"(more than max_bad_fraction={limit:g}); {prepared} prepared, {skipped} skipped. "
+            "See quarantine.jsonl in the store for the reasons; fix the inputs or raise "
+            "--max-bad-fraction.")
+
+
+class StudyLoadError(T3DDataError, RuntimeError):
+    """A prepared study could not be read at training time (the loop counts and skips these).
+
+    Takes a single message argument so that a DataLoader worker can re-raise it in the main
+    process with its type intact.
+
+    Attributes:
+        study_id: the failing study (``None`` after a re-raise from a worker).
+    """
+
+    def __init__(self, message: str, study_id: str | None = None):
+        self.study_id = study_id
+        super().__init__(message)

@@ -1,0 +1,264 @@
+"""Study manifest (JSONL or CSV): validated records pointing at CT volumes and their reports.
+
+Validation is exhaustive: ``load_manifest`` reports every error of the file at once, each naming
+the file, line and field, in the style of lightly/MONAI argument checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from t3d_data.errors import ManifestError
+from t3d_data.text import is_report_path, normalise_report
+
+__all__ = ["SPLITS", "StudyRecord", "load_manifest", "patient_split"]
+
+SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+
+
+def _resolve(value: str | Path, info: ValidationInfo) -> Path:
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+class StudyRecord(BaseModel):
+    """One CT study of the manifest.
+
+    Attributes:
+        study_id: unique id of the study.
+        patient_id: patient id (splits never share a patient).
+        image: NIfTI file or DICOM series folder (resolved against the manifest's folder).
+        report: inline report text, or a path ending in ``.txt`` (resolved likewise).
+        split: ``"train"``, ``"val"`` or ``"test"``; ``None`` when not assigned yet.
+        labels: finding name -> 0/1.
+        mask: optional NIfTI label map in the image's voxel grid.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_id: str
+    patient_id: str
+    image: Path
+    report: str
+    split: Split | None = None
+    labels: dict[str, int] = {}
+    mask: Path | None = None
+
+    @field_validator("study_id", "patient_id", mode="before")
+    @classmethod
+    def _non_empty_id(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty id")
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("image", "mask", mode="before")
+    @classmethod
+    def _resolve_path(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if info.field_name == "image":
+                raise ValueError("empty path")
+            return None
+        if isinstance(value, str | Path):
+            return _resolve(str(value).strip(), info)
+        return value
+
+    @field_validator("report", mode="before")
+    @classmethod
+    def _check_report(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        if is_report_path(value):
+            return str(_resolve(value.strip(), info))
+        if not normalise_report(value):
+            raise ValueError("empty text")
+        return value
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _empty_split(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _parse_labels(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"invalid JSON ({err.msg})") from None
+        if not isinstance(value, dict):
+            raise ValueError("must map finding names to 0/1")
+        for name, v in value.items():
+            if isinstance(v, bool) or v not in (0, 1):
+                raise ValueError(f"finding '{name}' must be 0 or 1, got {v!r}")
+        return {str(k): int(v) for k, v in value.items()}
+
+    @property
+    def report_path(self) -> Path | None:
+        """The report file when ``report`` names one, else ``None``."""
+        return Path(self.report) if is_report_path(self.report) else None
+
+
+def _rows_jsonl(path: Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                errors.append(f"{path.name} line {lineno}: invalid JSON ({err.msg})")
+
+
+def _rows_csv(path: Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
+    with path.open("r", encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            errors.append(f"{path.name} line 1: missing header row")
+            return
+        start = 2
+        for row in reader:
+            lineno, start = start, reader.line_num + 1
+            if None in row:
+                errors.append(f"{path.name} line {lineno}: more cells than header columns")
+                continue
+            optional = ("split", "mask", "labels")
+            row = {k: v for k, v in row.items() if not (v in ("", None) and k in optional)}
+            yield lineno, row
+
+
+def _format_error(name: str, lineno: int, err: dict[str, Any], study: str | None) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "<row>"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field (allowed: " + ", ".join(StudyRecord.model_fields) + ")"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    tail = f" (study '{study}')" if study else ""
+    return f"{name} line {lineno}: field '{field}': {msg}{tail}"
+
+
+def load_manifest(path: str | Path, *, check_files: bool = True) -> list[StudyRecord]:
+    """Reads and validates a JSONL or CSV manifest.
+
+    Args:
+        path: ``*.jsonl`` / ``*.json`` (one object per line) or ``*.csv`` (header row; the
+            ``labels`` column holds a JSON object string).
+        check_files: also report images, masks and report files that do not exist. ``prepare``
+            passes ``False`` so that a missing file quarantines one study instead.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        ManifestError: listing all errors of the file at once, e.g.
+            ``"studies.jsonl line 17: field 'report': empty text (study 'ct_0042')"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError([f"{path}: manifest not found"])
+    errors: list[str] = []
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _rows_csv(path, errors)
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        rows = _rows_jsonl(path, errors)
+    else:
+        raise ManifestError([f"{path}: unknown manifest format '{suffix}' (use .jsonl or .csv)"])
+    context = {"base_dir": path.parent.resolve()}
+    records: list[StudyRecord] = []
+    first_line: dict[str, int] = {}
+    for lineno, row in rows:
+        if not isinstance(row, dict):
+            errors.append(f"{path.name} line {lineno}: expected a JSON object")
+            continue
+        study = row.get("study_id")
+        study = str(study) if study not in (None, "") else None
+        try:
+            rec = StudyRecord.model_validate(row, context=context)
+        except ValidationError as err:
+            errors.extend(_format_error(path.name, lineno, e, study) for e in err.errors())
+            continue
+        if rec.study_id in first_line:
+            errors.append(f"{path.name} line {lineno}: field 'study_id': duplicate of line "
+                          f"{first_line[rec.study_id]} (study '{rec.study_id}')")
+            continue
+        first_line[rec.study_id] = lineno
+        if check_files:
+            for field, p in (("image", rec.image), ("mask", rec.mask), ("report", rec.report_path)):
+                if p is not None and not p.exists():
+                    errors.append(f"{path.name} line {lineno}: field '{field}': file not found: "
+                                  f"{p} (study '{rec.study_id}')")
+        records.append(rec)
+    if not records and not errors:
+        errors.append(f"{path.name}: no studies")
+    if errors:
+        raise ManifestError(errors)
+    return records
+
+
+def patient_split(
+    records: Sequence[StudyRecord],
+    fractions: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[StudyRecord]:
+    """Assigns a split to every record at patient level; existing ``split`` values are kept.
+
+    Patients with an existing split keep it for all their studies (and count towards that
+    split's target); the remaining patients are shuffled with ``seed`` and each goes to the split
+    furthest below its target number of patients.
+
+    Args:
+        records: the studies.
+        fractions: split -> fraction of patients, default ``{"train": .8, "val": .1, "test": .1}``.
+        seed: shuffling seed.
+
+    Returns:
+        New records (same order) with ``split`` set.
+
+    Raises:
+        ValueError: unknown split names, fractions not summing to 1, or a patient whose
+            existing splits disagree.
+    """
+    fractions = dict(fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
+    unknown = set(fractions) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; allowed: {list(SPLITS)}")
+    if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1; got {fractions}")
+    fixed: dict[str, str] = {}
+    patients = list(dict.fromkeys(r.patient_id for r in records))
+    for r in records:
+        if r.split is not None:
+            prev = fixed.get(r.patient_id)
+            if prev is not None and prev != r.split:
+                raise ValueError(f"patient '{r.patient_id}' has studies in both '{prev}' and "
+                                 f"'{r.split}' (study '{r.study_id}'); a patient must stay in one split")
+            fixed[r.patient_id] = r.split
+    free = [p for p in patients if p not in fixed]
+    n = len(patients)
+    target = {s: fractions.get(s, 0.0) * n for s in SPLITS}
+    count = {s: sum(1 for v in fixed.values() if v == s) for s in SPLITS}
+    order = np.random.default_rng(seed).permutation(len(free))
+    assigned = dict(fixed)
+    for k in order:
+        split = max(SPLITS, key=lambda s: (target[s] - count[s], -SPLITS.index(s)))
+        assigned[free[k]] = split
+        count[split] += 1
+    return [r if r.split is not None else r.model_copy(update={"split": assigned[r.patient_id]})
+            for r in records]

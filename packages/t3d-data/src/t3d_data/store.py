@@ -1,0 +1,391 @@
+"""The prepared store: one chunked zarr v3 group per study plus ``index.json`` (see docs/data.md).
+
+``prepare`` ingests a manifest once (resumable, atomic per study, bad studies quarantined) so
+that a random crop later reads about its own bytes instead of the whole volume (T3D-METHOD.md,
+"Data"). ``VolumeStore`` opens a prepared store for reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from t3d_data.errors import PrepareAborted, StoreError, T3DDataError, VolumeReadError
+from t3d_data.manifest import StudyRecord, load_manifest
+from t3d_data.readers import read_mask, read_volume
+from t3d_data.text import load_report, report_group_ids
+
+__all__ = ["INDEX_NAME", "QUARANTINE_NAME", "PrepareSummary", "StoreRecord", "VolumeStore",
+           "prepare", "source_hash"]
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+STUDIES_DIR = "studies"
+FORMAT = "t3d-store"
+FORMAT_VERSION = 1
+_TMP_PREFIX = ".tmp-"
+# Test hook: seconds to sleep between writing a study's temporary folder and renaming it, so
+# tests can SIGKILL a prepare run mid-study. Never set in normal use.
+_TEST_DELAY_ENV = "T3D_DATA_PREPARE_TEST_DELAY"
+
+
+class StoreRecord(BaseModel):
+    """Metadata of one prepared study (an entry of ``index.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_id: str
+    patient_id: str
+    split: str | None
+    key: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: list[list[float]]
+    chunks: tuple[int, int, int]
+    report: str
+    replaced_bytes: int
+    labels: dict[str, int]
+    has_mask: bool
+    source: str
+    source_sha256: str
+    mask_source: str | None
+    mask_sha256: str | None
+    group: int
+    nbytes: int
+
+
+class _Index(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+    finding_names: list[str] = []
+    studies: list[StoreRecord] = []
+
+
+@dataclass
+class PrepareSummary:
+    """Counts of one ``prepare`` run.
+
+    Attributes:
+        store: the store folder.
+        total: studies in the manifest.
+        prepared: studies written in this run.
+        skipped: studies already present with the same source hash.
+        quarantined: bad studies (listed in ``quarantine.jsonl``).
+        bytes_written: compressed bytes written in this run.
+        seconds: wall-clock time.
+    """
+
+    store: Path
+    total: int
+    prepared: int
+    skipped: int
+    quarantined: int
+    bytes_written: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.store}: {self.total} studies: {self.prepared} prepared, {self.skipped} "
+                f"skipped (unchanged), {self.quarantined} quarantined; "
+                f"{self.bytes_written / 2**20:.1f} MiB written in {self.seconds:.1f} s")
+
+
+def source_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's sorted files (names and bytes, non-recursive).
+
+    Raises:
+        VolumeReadError: the path does not exist.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise VolumeReadError(f"{path}: not found")
+    for f in files:
+        if len(files) > 1 or path.is_dir():
+            h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _key(study_id: str, digest: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", study_id)[:80].lstrip(".") or "study"
+    return f"{safe}-{hashlib.sha1(study_id.encode()).hexdigest()[:6]}-{digest[:12]}"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_index(out: Path, entries: Sequence[StoreRecord]) -> None:
+    groups = report_group_ids([e.report for e in entries])
+    studies = [e.model_copy(update={"group": g}) for e, g in zip(entries, groups, strict=True)]
+    findings = sorted({name for e in studies for name in e.labels})
+    index = _Index(finding_names=findings, studies=studies)
+    _write_json_atomic(out / INDEX_NAME, index.model_dump(mode="json"))
+
+
+def _read_index(out: Path) -> _Index:
+    path = out / INDEX_NAME
+    try:
+        index = _Index.model_validate_json(path.read_bytes())
+    except FileNotFoundError as err:
+        raise StoreError(f"{out}: not a prepared store ({INDEX_NAME} missing); run "
+                         "`t3d-data prepare MANIFEST OUT` first") from err
+    except ValidationError as err:
+        raise StoreError(f"{path}: invalid store index ({err.error_count()} errors: "
+                         f"{err.errors()[0]['msg']}); re-run prepare into a new folder") from err
+    if index.format != FORMAT or index.version != FORMAT_VERSION:
+        raise StoreError(f"{path}: unsupported store format {index.format} v{index.version}")
+    return index
+
+
+def _write_study(out: Path, key: str, image: np.ndarray, mask: np.ndarray | None,
+                 chunks: tuple[int, int, int]) -> int:
+    """Writes one study into a temporary folder, then renames it into place (atomic)."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    final = out / STUDIES_DIR / key
+    tmp = out / STUDIES_DIR / f"{_TMP_PREFIX}{key}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    for name, arr in (("image", image), ("mask", mask)):
+        if arr is None:
+            continue
+        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                               compressors=codec, fill_value=0)
+        z[...] = arr
+    delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return _dir_bytes(final)
+
+
+def _prepare_one(rec: StudyRecord, out: Path, prev: StoreRecord | None, chunk: int,
+                 max_voxels: int) -> tuple[StoreRecord, bool]:
+    """Returns (entry, written) for one study; raises T3DDataError for a bad study."""
+    report = load_report(rec.report, rec.image.parent)
+    digest = source_hash(rec.image)
+    mask_digest = source_hash(rec.mask) if rec.mask is not None else None
+    meta = {"patient_id": rec.patient_id, "split": rec.split, "report": report.text,
+            "replaced_bytes": report.replaced_bytes, "labels": dict(rec.labels)}
+    if (prev is not None and prev.source_sha256 == digest and prev.mask_sha256 == mask_digest
+            and (out / STUDIES_DIR / prev.key).is_dir()):
+        return prev.model_copy(update=meta), False
+    vol = read_volume(rec.image, max_voxels=max_voxels)
+    mask_arr = None
+    if rec.mask is not None:
+        mask = read_mask(rec.mask, max_voxels=max_voxels)
+        if mask.array.shape != vol.array.shape:
+            raise VolumeReadError(f"{rec.mask}: mask shape {mask.array.shape} != image shape "
+                                  f"{vol.array.shape} (after RAS reorientation)")
+        if not np.allclose(mask.affine, vol.affine, atol=1e-2):
+            raise VolumeReadError(f"{rec.mask}: mask affine differs from the image's; resample "
+                                  "the mask onto the image grid")
+        mask_arr = mask.array
+    chunks = tuple(min(chunk, s) for s in vol.array.shape)
+    key = _key(rec.study_id, digest)
+    nbytes = _write_study(out, key, vol.array, mask_arr, chunks)  # type: ignore[arg-type]
+    entry = StoreRecord(
+        study_id=rec.study_id, key=key, shape=vol.array.shape, spacing=vol.spacing,
+        affine=vol.affine.tolist(), chunks=chunks, has_mask=mask_arr is not None,
+        source=str(rec.image), source_sha256=digest,
+        mask_source=str(rec.mask) if rec.mask is not None else None, mask_sha256=mask_digest,
+        group=0, nbytes=nbytes, **meta)
+    return entry, True
+
+
+def prepare(
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    *,
+    chunk: int = 64,
+    max_bad_fraction: float = 0.05,
+    max_voxels: int = 2**31,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Prepares a manifest into a chunked zarr v3 store (resumable; see docs/data.md).
+
+    Each study is written into a temporary folder and renamed into place, then ``index.json``
+    is replaced atomically, so a killed run never leaves a half study that looks complete. A
+    rerun skips studies whose source content hash is unchanged (updating their metadata).
+
+    Args:
+        manifest_path: JSONL/CSV manifest (see :func:`t3d_data.load_manifest`).
+        out_dir: store folder (created).
+        chunk: chunk edge in voxels (chunks are ``chunk``³, clipped to the volume).
+        max_bad_fraction: abort when more than this fraction of the manifest is bad.
+        max_voxels: refuse volumes with more voxels (checked before allocating).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The run's counts.
+
+    Raises:
+        ManifestError: the manifest is invalid (nothing is written).
+        PrepareAborted: too many bad studies (the index keeps the good ones).
+        ValueError: bad arguments.
+    """
+    from tqdm.auto import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    start = time.perf_counter()
+    records = load_manifest(manifest_path, check_files=False)
+    out = Path(out_dir)
+    (out / STUDIES_DIR).mkdir(parents=True, exist_ok=True)
+    for leftover in (out / STUDIES_DIR).glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # half-written studies of a killed run
+    old = {e.study_id: e for e in _read_index(out).studies} if (out / INDEX_NAME).exists() else {}
+    current = dict(old)
+    allowed_bad = math.floor(max_bad_fraction * len(records) + 1e-9)
+    prepared = skipped = bad = written = 0
+    with (out / QUARANTINE_NAME).open("w", encoding="utf-8") as quarantine:
+        for rec in tqdm(records, desc="prepare", unit="study", disable=not progress):
+            try:
+                entry, was_written = _prepare_one(rec, out, old.get(rec.study_id), chunk,
+                                                  max_voxels)
+            except (T3DDataError, OSError) as err:
+                bad += 1
+                reason = str(err)
+                logger.warning("quarantined study '%s': %s", rec.study_id, reason)
+                quarantine.write(json.dumps({"study_id": rec.study_id, "image": str(rec.image),
+                                             "reason": reason}, ensure_ascii=False) + "\n")
+                quarantine.flush()
+                current.pop(rec.study_id, None)
+                _write_index(out, list(current.values()))
+                if bad > allowed_bad:
+                    raise PrepareAborted(prepared, skipped, bad, len(records),
+                                         max_bad_fraction) from err
+                continue
+            prev = current.get(rec.study_id)
+            current[rec.study_id] = entry
+            _write_index(out, list(current.values()))
+            if was_written:
+                prepared += 1
+                written += entry.nbytes
+                if prev is not None and prev.key != entry.key:
+                    shutil.rmtree(out / STUDIES_DIR / prev.key, ignore_errors=True)
+            else:
+                skipped += 1
+    final = [current[r.study_id] for r in records if r.study_id in current]
+    _write_index(out, final)
+    keep = {e.key for e in final}
+    for folder in (out / STUDIES_DIR).iterdir():
+        if folder.name not in keep:
+            logger.info("removing study folder not in the manifest: %s", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+    summary = PrepareSummary(out, len(records), prepared, skipped, bad, written,
+                             time.perf_counter() - start)
+    logger.info("%s", summary)
+    return summary
+
+
+class VolumeStore:
+    """Read access to a prepared store.
+
+    Args:
+        path: the store folder (holding ``index.json``).
+
+    Raises:
+        StoreError: not a store, or an unsupported/corrupt index.
+
+    >>> store = VolumeStore("out/store")          # doctest: +SKIP
+    >>> crop = store.read(0, (slice(0, 96), slice(0, 96), slice(0, 96)))  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = _read_index(self.path)
+        self.records: list[StoreRecord] = index.studies
+        self.finding_names: list[str] = index.finding_names
+        self._arrays: dict[tuple[int, str], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"VolumeStore({str(self.path)!r}, studies={len(self)})"
+
+    def indices(self, split: str | None = None) -> list[int]:
+        """Study indices of one split (all studies when ``split`` is ``None``)."""
+        return [i for i, r in enumerate(self.records) if split is None or r.split == split]
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        """Voxel shape ``(X, Y, Z)`` of study ``i`` (from the index; no I/O)."""
+        return self.records[i].shape
+
+    def array(self, i: int, name: str = "image") -> Any:
+        """The zarr array of study ``i`` (``"image"`` or ``"mask"``), opened once and cached."""
+        cached = self._arrays.get((i, name))
+        if cached is None:
+            import zarr
+
+            rec = self.records[i]
+            folder = self.path / STUDIES_DIR / rec.key / name
+            try:
+                cached = zarr.open_array(str(folder), mode="r", zarr_format=3)
+            except Exception as err:  # zarr raises FileNotFoundError / its own errors
+                raise StoreError(f"study '{rec.study_id}': cannot open {folder} ({err})") from err
+            self._arrays[(i, name)] = cached
+        return cached
+
+    def read(self, i: int, slices: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Reads study ``i`` (or a box of it), touching only the chunks the box overlaps.
+
+        Args:
+            i: study index.
+            slices: up to three slices along ``(X, Y, Z)``; ``None`` reads the whole volume.
+
+        Returns:
+            int16 HU array.
+        """
+        arr = self.array(i, "image")
+        return np.asarray(arr[slices if slices is not None else ...])
+
+    def read_mask(self, i: int, slices: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Reads the label map of study ``i`` (uint8 or int16).
+
+        Raises:
+            StoreError: the study has no mask.
+        """
+        if not self.records[i].has_mask:
+            raise StoreError(f"study '{self.records[i].study_id}' has no mask")
+        arr = self.array(i, "mask")
+        return np.asarray(arr[slices if slices is not None else ...])
