@@ -1,6 +1,49 @@
-"""t3d_models: see the package README."""
+"""t3d_models: the T3D model (SwinUNETR + HF text encoder + interactor), presets, I/O, export.
+
+Importing this package is cheap: MONAI and transformers load on first model construction.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+
+from .config import (  # noqa: E402
+    InteractorConfig,
+    T3DModelConfig,
+    TextConfig,
+    VisionConfig,
+    list_presets,
+    load_preset,
+)
+from .export import build_monai_swinunetr, export_swinunetr, swinunetr_kwargs  # noqa: E402
+from .heads import ProjectionHead  # noqa: E402
+from .interactor import Interactor  # noqa: E402
+from .io import load_pretrained, save_pretrained  # noqa: E402
+from .model import T3DModel  # noqa: E402
+from .text import MINILM, HFTextEncoder, masked_mean, resolve_text_model  # noqa: E402
+from .vision import SwinUNETRBackbone, VisionFeatures, check_crop_size  # noqa: E402
+
+__all__ = [
+    "MINILM",
+    "HFTextEncoder",
+    "Interactor",
+    "InteractorConfig",
+    "ProjectionHead",
+    "SwinUNETRBackbone",
+    "T3DModel",
+    "T3DModelConfig",
+    "TextConfig",
+    "VisionConfig",
+    "VisionFeatures",
+    "__version__",
+    "build_monai_swinunetr",
+    "check_crop_size",
+    "export_swinunetr",
+    "list_presets",
+    "load_pretrained",
+    "load_preset",
+    "masked_mean",
+    "resolve_text_model",
+    "save_pretrained",
+    "swinunetr_kwargs",
+]

@@ -1,0 +1,195 @@
+"""Configuration models and the JSON preset registry for T3D models.
+
+Configs are pydantic v2 models (``extra="forbid"``), one per tower; presets are small JSON files
+in ``t3d_models/presets`` (the open_clip ``model_configs`` pattern). Importing this module never
+imports MONAI or transformers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from importlib import resources
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "InteractorConfig",
+    "T3DModelConfig",
+    "TextConfig",
+    "VisionConfig",
+    "list_presets",
+    "load_preset",
+]
+
+_PRESET_PACKAGE = "t3d_models.presets"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class VisionConfig(_Strict):
+    """SwinUNETR vision tower (``monai.networks.nets.SwinUNETR``) options.
+
+    Attributes:
+        feature_size: SwinUNETR embedding width; a multiple of 12. Bottleneck channels are
+            ``16 * feature_size``.
+        window_size: Swin local window (4 keeps 64³ crops cheap; 7 is MONAI's default).
+        depths: Swin blocks per stage.
+        num_heads: attention heads per stage.
+        in_channels: image channels (1 for CT).
+        use_checkpoint: gradient checkpointing inside the Swin blocks.
+        use_v2: SwinUNETR-v2 (residual conv block at the start of each stage).
+        norm_name: normalisation of the conv blocks (MONAI ``norm_name``).
+        crop_size: crop size the model is trained on; every dimension a multiple of 32.
+        token_stage: which feature map gives the visual tokens: 4 = deepest (``encoder10``
+            output, 16F channels at 1/32), 3 = ``hidden_states[3]`` (8F at 1/16),
+            2 = ``encoder4`` output (4F at 1/8).
+    """
+
+    feature_size: int = 48
+    window_size: int = 7
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+    in_channels: int = 1
+    use_checkpoint: bool = False
+    use_v2: bool = False
+    norm_name: str = "instance"
+    crop_size: tuple[int, int, int] = (96, 96, 96)
+    token_stage: Literal[2, 3, 4] = 4
+
+    @field_validator("feature_size")
+    @classmethod
+    def _feature_size_multiple_of_12(cls, v: int) -> int:
+        if v <= 0 or v % 12:
+            raise ValueError(f"feature_size must be a positive multiple of 12; got {v}")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_multiple_of_32(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        for dim, size in enumerate(v):
+            if size <= 0 or size % 32:
+                raise ValueError(
+                    f"crop size {tuple(v)} must be a multiple of 32 in every dimension; "
+                    f"got {size} in dim {dim}"
+                )
+        return v
+
+
+class TextConfig(_Strict):
+    """Hugging Face text tower options.
+
+    Attributes:
+        model_name_or_path: hub id (e.g. ``StanfordAIMI/RadBERT``), local folder, or
+            ``"minilm"``/``None`` for the bundled offline all-MiniLM-L6-v2
+            (``t3d-models[minilm]``).
+        max_length: truncation length in tokens; capped by the tokenizer's
+            ``model_max_length``.
+        freeze: freeze every text-encoder parameter.
+        freeze_layers: freeze the embeddings and the lowest N transformer layers.
+        pretrained: load the pretrained weights (``False`` builds the architecture with random
+            weights; used by ``from_pretrained``, which restores weights from the checkpoint).
+    """
+
+    model_name_or_path: str | None = "minilm"
+    max_length: int = Field(default=512, gt=0)
+    freeze: bool = False
+    freeze_layers: int = Field(default=0, ge=0)
+    pretrained: bool = True
+
+
+class InteractorConfig(_Strict):
+    """Transformer-decoder interactor (visual tokens = queries, text tokens = keys/values).
+
+    Attributes:
+        width: model width ``d_model``; visual and text tokens are projected to it when needed.
+        depth: number of ``nn.TransformerDecoderLayer`` layers.
+        heads: attention heads; must divide ``width``.
+        mlp_ratio: feed-forward width / ``width``.
+        dropout: dropout inside the decoder layers.
+    """
+
+    width: int = Field(default=768, gt=0)
+    depth: int = Field(default=1, ge=1)
+    heads: int = Field(default=12, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> InteractorConfig:
+        if self.width % self.heads:
+            raise ValueError(
+                f"interactor width {self.width} must be divisible by heads {self.heads}"
+            )
+        return self
+
+
+class T3DModelConfig(_Strict):
+    """Full T3D model configuration (saved as ``config.json`` inside every checkpoint).
+
+    Attributes:
+        name: preset or run name (informational).
+        vision: SwinUNETR tower.
+        text: Hugging Face text tower.
+        interactor: cross-modal interactor.
+        embed_dim: shared embedding dimension E of ``proj_v``, ``proj_x``, ``proj_t``.
+        head: ``"mlp"`` (Linear-GELU-Linear) or ``"linear"`` projection heads.
+        restoration: build the TIR restoration decoder (``False`` for ablations).
+    """
+
+    name: str = "custom"
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    interactor: InteractorConfig = Field(default_factory=InteractorConfig)
+    embed_dim: int = Field(default=256, gt=0)
+    head: Literal["mlp", "linear"] = "mlp"
+    restoration: bool = True
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> T3DModelConfig:
+        """Load a preset by name, optionally overriding top-level fields.
+
+        Args:
+            name: one of :func:`list_presets`.
+            **overrides: top-level fields replacing the preset's (e.g. ``restoration=False``).
+
+        Raises:
+            ValueError: unknown name (the message lists valid names and the closest match).
+        """
+        data = load_preset(name)
+        data.update(overrides)
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_json(cls, path: str) -> T3DModelConfig:
+        """Read a config written by :meth:`to_json` / ``save_pretrained``."""
+        with open(path, encoding="utf-8") as fh:
+            return cls.model_validate_json(fh.read())
+
+    def to_json(self) -> str:
+        """Serialise to indented JSON."""
+        return self.model_dump_json(indent=2)
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets (``t3d_models/presets/*.json``), sorted."""
+    root = resources.files(_PRESET_PACKAGE)
+    return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict:
+    """Raw dict of a preset.
+
+    Raises:
+        ValueError: unknown preset, naming the valid ones and the closest match.
+    """
+    names = list_presets()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(names)}.{hint}")
+    text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)

@@ -1,0 +1,147 @@
+"""Export the T3D vision tower to a plain ``monai.networks.nets.SwinUNETR``.
+
+The backbone keeps MONAI's module names (``vision.swin.<key>``), so the export is a prefix strip:
+encoder keys (``swinViT``, ``encoder1..4``, ``encoder10``) load strictly; decoder keys are
+included when present and shape-compatible (``out`` only when ``out_channels`` matches).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import T3DModelConfig
+from .vision import DECODER_MODULES, ENCODER_MODULES
+
+if TYPE_CHECKING:
+    from .model import T3DModel
+
+__all__ = ["build_monai_swinunetr", "export_swinunetr", "swinunetr_kwargs"]
+
+logger = logging.getLogger(__name__)
+_PREFIX = "vision.swin."
+
+
+def _resolve(source: T3DModel | str | os.PathLike) -> tuple[T3DModelConfig, dict[str, torch.Tensor]]:
+    """Config and full state dict from a model or a checkpoint directory (no text model built)."""
+    if isinstance(source, str | os.PathLike):
+        from .io import CONFIG_NAME, load_state_file
+
+        root = Path(source)
+        cfg = T3DModelConfig.from_json(str(root / CONFIG_NAME))
+        return cfg, load_state_file(root)
+    return source.config, {k: v.detach().cpu() for k, v in source.state_dict().items()}
+
+
+def _module_of(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def swinunetr_kwargs(config: T3DModelConfig) -> dict[str, Any]:
+    """``SwinUNETR`` constructor arguments that match a T3D vision config (minus channels)."""
+    v = config.vision
+    return {
+        "in_channels": v.in_channels,
+        "feature_size": v.feature_size,
+        "window_size": v.window_size,
+        "depths": tuple(v.depths),
+        "num_heads": tuple(v.num_heads),
+        "use_v2": v.use_v2,
+        "norm_name": v.norm_name,
+    }
+
+
+def export_swinunetr(
+    source: T3DModel | str | os.PathLike, out_channels: int = 1, include_decoder: bool = True
+) -> dict[str, torch.Tensor]:
+    """State dict for ``SwinUNETR(**swinunetr_kwargs(cfg), out_channels=out_channels)``.
+
+    Args:
+        source: a :class:`T3DModel` or a checkpoint directory from ``save_pretrained``.
+        out_channels: output channels of the target network (e.g. number of classes).
+        include_decoder: include ``decoder5..decoder1`` (trained by TIR) when the model has
+            them; ``out`` is included only when its shape matches ``out_channels`` (T3D's own
+            restoration head has 1 output channel). Keys left out stay at MONAI's init.
+
+    Returns:
+        Plain SwinUNETR keys -> CPU tensors.
+    """
+    config, state = _resolve(source)
+    exported: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith(_PREFIX):
+            continue
+        sub = key[len(_PREFIX):]
+        module = _module_of(sub)
+        if module in ENCODER_MODULES:
+            exported[sub] = tensor
+        elif include_decoder and module in DECODER_MODULES:
+            if module == "out" and out_channels != 1:
+                continue
+            exported[sub] = tensor
+    missing_enc = [m for m in ENCODER_MODULES if not any(_module_of(k) == m for k in exported)]
+    if missing_enc:
+        raise ValueError(f"source has no weights for encoder modules {missing_enc}")
+    return exported
+
+
+def build_monai_swinunetr(
+    source: T3DModel | str | os.PathLike,
+    out_channels: int,
+    include_decoder: bool = True,
+    use_checkpoint: bool = False,
+    return_report: bool = False,
+) -> Any:
+    """Build a plain MONAI ``SwinUNETR`` initialised from a T3D model or checkpoint.
+
+    Encoder keys must load strictly (any missing/unexpected/mismatched encoder key raises);
+    every other key of the new network keeps MONAI's initialisation and is reported.
+
+    Args:
+        source: a :class:`T3DModel` or a checkpoint directory.
+        out_channels: output channels (e.g. segmentation classes incl. background).
+        include_decoder: also load the restoration decoder (see :func:`export_swinunetr`).
+        use_checkpoint: gradient checkpointing in the new network.
+        return_report: also return ``{"loaded": [...], "newly_initialised": [...]}``.
+
+    Returns:
+        The ``SwinUNETR`` (and the report when ``return_report``).
+
+    Example:
+        >>> net = build_monai_swinunetr("runs/t3d/final", out_channels=14)  # doctest: +SKIP
+    """
+    from monai.networks.nets import SwinUNETR
+
+    from .io import check_state_dict
+
+    if isinstance(source, str | os.PathLike):
+        from .io import CONFIG_NAME
+
+        config = T3DModelConfig.from_json(str(Path(source) / CONFIG_NAME))
+    else:
+        config = source.config
+    state = export_swinunetr(source, out_channels=out_channels, include_decoder=include_decoder)
+    net = SwinUNETR(out_channels=out_channels, use_checkpoint=use_checkpoint,
+                    **swinunetr_kwargs(config))
+    target = net.state_dict()
+    enc_target = {k: v for k, v in target.items() if _module_of(k) in ENCODER_MODULES}
+    enc_state = {k: v for k, v in state.items() if _module_of(k) in ENCODER_MODULES}
+    check_state_dict(enc_target, enc_state, what="exported SwinUNETR encoder")
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+           if k not in target or tuple(v.shape) != tuple(target[k].shape)]
+    if bad:
+        raise ValueError(f"exported decoder keys do not fit SwinUNETR: {bad[:8]}")
+    result = net.load_state_dict(state, strict=False)
+    if result.unexpected_keys:  # pragma: no cover - excluded by the checks above
+        raise ValueError(f"unexpected keys: {result.unexpected_keys}")
+    new = sorted(result.missing_keys)
+    if new:
+        modules = sorted({_module_of(k) for k in new})
+        logger.info("SwinUNETR: %d keys newly initialised (modules %s)", len(new), modules)
+    if return_report:
+        return net, {"loaded": sorted(state), "newly_initialised": new}
+    return net

@@ -1,0 +1,166 @@
+"""Save and load T3D checkpoints: ``config.json`` + ``model.safetensors`` (no pickle).
+
+The safetensors file holds every tensor, the text encoder's included, so a checkpoint is
+self-contained; ``text_encoder/`` keeps the Hugging Face config and tokenizer so it reloads
+offline. Writes are atomic per file (temp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import __version__
+from .config import T3DModelConfig
+
+if TYPE_CHECKING:
+    from .model import T3DModel
+
+__all__ = ["CONFIG_NAME", "TEXT_DIR", "WEIGHTS_NAME", "load_pretrained", "load_state_file",
+           "save_pretrained"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TEXT_DIR = "text_encoder"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state, seen = {}, {}
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        # safetensors refuses shared storage; the loader copies each key anyway
+        state[key] = t.clone().contiguous() if ptr in seen or not t.is_contiguous() else t
+        seen[ptr] = key
+    return {k: v.cpu() for k, v in state.items()}
+
+
+def save_pretrained(model: T3DModel, path: str | os.PathLike) -> None:
+    """Write a checkpoint directory.
+
+    Layout: ``config.json`` (the resolved :class:`T3DModelConfig`), ``model.safetensors`` (all
+    tensors), ``text_encoder/`` (HF config + tokenizer files, for offline reloading).
+    Each file is written to a temporary name and moved into place with ``os.replace``;
+    ``config.json`` goes last, so its presence marks a complete checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # text encoder folder: write aside, then swap in
+    tmp_text = Path(tempfile.mkdtemp(prefix=f".{TEXT_DIR}.", dir=out))
+    try:
+        model.text.model.config.save_pretrained(tmp_text)
+        model.text.tokenizer.save_pretrained(tmp_text)
+        final_text = out / TEXT_DIR
+        old = None
+        if final_text.exists():
+            old = out / f".{TEXT_DIR}.old-{os.getpid()}"
+            os.replace(final_text, old)
+        os.replace(tmp_text, final_text)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_text, ignore_errors=True)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        save_file(_state_for_saving(model), tmp, metadata={"format": "pt",
+                                                           "t3d_models": __version__})
+        os.replace(tmp, out / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
+
+
+def load_state_file(path: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` from a checkpoint directory (or a file path)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} at {p}")
+    return load_file(str(p), device=str(device))
+
+
+def _fmt(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
+                     what: str = "checkpoint") -> None:
+    """Raise if ``loaded`` has missing, unexpected or shape-mismatched keys.
+
+    Raises:
+        ValueError: naming every offending key (first few of each kind) and the shapes.
+    """
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(loaded))
+        if tuple(loaded[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_fmt(mismatched)}")
+    if problems:
+        raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                    ) -> T3DModel:
+    """Rebuild a model from ``config.json`` and load ``model.safetensors`` strictly.
+
+    The text tower is rebuilt from ``text_encoder/`` when present (offline, random init, then
+    overwritten), otherwise from ``config.text.model_name_or_path``.
+
+    Raises:
+        FileNotFoundError: ``config.json`` or ``model.safetensors`` missing.
+        ValueError: missing/unexpected keys or shape mismatches (named in the message).
+    """
+    from .model import T3DModel
+
+    root = Path(path)
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {root} (not a T3D checkpoint directory)")
+    config = T3DModelConfig.from_json(str(cfg_path))
+    text_dir = root / TEXT_DIR
+    if text_dir.is_dir():
+        model = T3DModel(config, text_source=text_dir)
+    else:
+        model = T3DModel(config.model_copy(update={"text": config.text.model_copy(
+            update={"pretrained": False})}))
+    state = load_state_file(root, device=map_location)
+    check_state_dict(model.state_dict(), state, what=f"checkpoint {root}")
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)

@@ -1,0 +1,249 @@
+"""T3DModel: SwinUNETR + HF text encoder + interactor + projection heads (+ restoration).
+
+Implements the model side of T3D (Liu et al., arXiv 2312.01529): visual-only embeddings ``v``,
+text-informed embeddings ``x`` (TCL), study/report embeddings ``e``/``u`` (alignment) and the
+text-informed restoration (TIR). Output keys follow docs/architecture.md exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from .config import T3DModelConfig
+from .heads import ProjectionHead
+from .interactor import Interactor
+from .text import HFTextEncoder
+from .vision import SwinUNETRBackbone
+
+__all__ = ["T3DModel"]
+
+
+def _study_mean(emb: torch.Tensor, study_index: torch.Tensor, num_studies: int) -> torch.Tensor:
+    """Mean of ``emb`` ``(N, E)`` per study -> ``(B, E)``; every study must have a crop."""
+    counts = torch.bincount(study_index, minlength=num_studies)
+    if counts.numel() > num_studies:
+        raise ValueError(
+            f"study_index holds {int(study_index.max())} but there are only {num_studies} reports"
+        )
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"studies {empty} have no crops in study_index")
+    total = emb.new_zeros(num_studies, emb.shape[1]).index_add(0, study_index, emb)
+    return total / counts.to(emb.dtype).unsqueeze(1)
+
+
+class T3DModel(nn.Module):
+    """The T3D pre-training model.
+
+    Args:
+        config: the full model config (see :class:`~t3d_models.config.T3DModelConfig`).
+        text_source: load the text tower's architecture and tokenizer from this folder with
+            random weights instead of ``config.text`` (used by :meth:`from_pretrained`).
+
+    Example:
+        >>> model = T3DModel.from_preset("t3d-tiny-cpu")
+        >>> tok = model.tokenize(["No acute findings.", "Nodule in the left lower lobe."])
+        >>> out = model(crops=torch.rand(4, 1, 64, 64, 64), study_index=torch.tensor([0, 0, 1, 1]),
+        ...             group=torch.tensor([0, 1]), **tok)
+        >>> sorted(out)
+        ['crop_group', 'group', 'text_emb', 'text_informed_emb', 'visual_emb', 'volume_emb']
+    """
+
+    def __init__(self, config: T3DModelConfig, text_source: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.config = config
+        vc, tc, ic = config.vision, config.text, config.interactor
+        self.vision = SwinUNETRBackbone(
+            feature_size=vc.feature_size,
+            window_size=vc.window_size,
+            depths=vc.depths,
+            num_heads=vc.num_heads,
+            in_channels=vc.in_channels,
+            use_checkpoint=vc.use_checkpoint,
+            use_v2=vc.use_v2,
+            norm_name=vc.norm_name,
+            token_stage=vc.token_stage,
+            restoration=config.restoration,
+        )
+        self.text = HFTextEncoder(
+            model_name_or_path=text_source if text_source is not None else tc.model_name_or_path,
+            max_length=tc.max_length,
+            freeze=tc.freeze,
+            freeze_layers=tc.freeze_layers,
+            pretrained=tc.pretrained and text_source is None,
+        )
+        cv = self.vision.token_channels
+        self.interactor = Interactor(
+            visual_dim=cv,
+            text_dim=self.text.width,
+            width=ic.width,
+            depth=ic.depth,
+            heads=ic.heads,
+            mlp_ratio=ic.mlp_ratio,
+            dropout=ic.dropout,
+        )
+        e = config.embed_dim
+        self.proj_v = ProjectionHead(cv, e, config.head)
+        self.proj_x = ProjectionHead(ic.width, e, config.head)
+        self.proj_t = ProjectionHead(self.text.width, e, config.head)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: T3DModelConfig | dict) -> T3DModel:
+        """Build from a config object or dict."""
+        if isinstance(config, dict):
+            config = T3DModelConfig.model_validate(config)
+        return cls(config)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> T3DModel:
+        """Build a preset (see :func:`~t3d_models.config.list_presets`)."""
+        return cls(T3DModelConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                        ) -> T3DModel:
+        """Load a directory written by :meth:`save_pretrained` (strict; see ``t3d_models.io``)."""
+        from .io import load_pretrained
+
+        return load_pretrained(path, map_location=map_location)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ text config/tokenizer) atomically."""
+        from .io import save_pretrained
+
+        save_pretrained(self, path)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        """Device of the model parameters."""
+        return next(self.parameters()).device
+
+    def tokenize(self, reports: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise reports: ``{"input_ids": (B, L), "attention_mask": (B, L)}`` (CPU tensors)."""
+        return self.text.tokenize(reports)
+
+    def _check_inputs(self, crops: torch.Tensor, study_index: torch.Tensor, group: torch.Tensor,
+                      input_ids: torch.Tensor, corrupted: torch.Tensor | None) -> None:
+        if crops.ndim != 5 or crops.shape[1] != self.config.vision.in_channels:
+            raise ValueError(
+                f"crops must be (N, {self.config.vision.in_channels}, D, H, W); "
+                f"got {tuple(crops.shape)}"
+            )
+        n, b = crops.shape[0], input_ids.shape[0]
+        if study_index.shape != (n,):
+            raise ValueError(f"study_index must be ({n},); got {tuple(study_index.shape)}")
+        if group.shape != (b,):
+            raise ValueError(f"group must be ({b},) (one per report); got {tuple(group.shape)}")
+        if corrupted is not None and corrupted.shape != crops.shape:
+            raise ValueError(
+                f"corrupted {tuple(corrupted.shape)} must match crops {tuple(crops.shape)}"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        crops: torch.Tensor,
+        study_index: torch.Tensor,
+        group: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        corrupted: torch.Tensor | None = None,
+        corruption_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings for TCL/alignment and, with ``corrupted``, the TIR restoration.
+
+        The encoder runs once per crop: on ``corrupted`` when given, else on ``crops``.
+
+        Args:
+            crops: ``(N, 1, D, H, W)`` float crops in [0, 1]; spatial sizes multiples of 32.
+            study_index: ``(N,)`` long, the study (0..B-1) of each crop.
+            group: ``(B,)`` long report group per study.
+            input_ids: ``(B, L)`` token ids (from :meth:`tokenize`).
+            attention_mask: ``(B, L)`` 1 for tokens, 0 for padding.
+            corrupted: ``(N, 1, D, H, W)`` corrupted crops for TIR (ignored, with a warning,
+                when the model was built with ``restoration=False``).
+            corruption_mask: ``(N, 1, D, H, W)`` where the corruption was applied (passed
+                through for the loss; ones when not given).
+
+        Returns:
+            ``visual_emb (N, E)``, ``text_informed_emb (N, E)``, ``crop_group (N,)``,
+            ``volume_emb (B, E)``, ``text_emb (B, E)``, ``group (B,)`` and, with ``corrupted``,
+            ``restored``, ``target`` (= ``crops``), ``corruption_mask`` ``(N, 1, D, H, W)``.
+
+        Raises:
+            ValueError: inconsistent shapes, a study without crops, or a crop size that is not a
+                multiple of 32 (naming the dimension).
+        """
+        self._check_inputs(crops, study_index, group, input_ids, corrupted)
+        if corrupted is not None and not self.config.restoration:
+            warnings.warn("restoration=False: ignoring `corrupted`; no TIR outputs", stacklevel=2)
+            corrupted = None
+        restore = corrupted is not None
+        feats = self.vision.encode(corrupted if restore else crops, skips=restore)
+        tokens, grid = self.vision.tokens(feats)
+        visual_emb = self.proj_v(tokens.mean(1))
+
+        text_tokens, text_mask, text_pooled = self.text(input_ids, attention_mask)
+        text_emb = self.proj_t(text_pooled)
+        informed = self.interactor(tokens, text_tokens, text_mask, study_index)
+        text_informed_emb = self.proj_x(informed.mean(1))
+
+        out = {
+            "visual_emb": visual_emb,
+            "text_informed_emb": text_informed_emb,
+            "crop_group": group[study_index],
+            "volume_emb": _study_mean(visual_emb, study_index, input_ids.shape[0]),
+            "text_emb": text_emb,
+            "group": group,
+        }
+        if restore:
+            restored = self.vision.restore(feats, self.interactor.to_visual(informed), grid)
+            if corruption_mask is None:
+                corruption_mask = torch.ones_like(crops, dtype=torch.bool)
+            out.update(restored=restored, target=crops, corruption_mask=corruption_mask)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def encode_volume_crops(
+        self,
+        crops: torch.Tensor,
+        study_index: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Visual-only embeddings ``proj_v(pool(V))`` of crops, per crop or per study.
+
+        Wrap in ``torch.no_grad()`` for evaluation.
+
+        Args:
+            crops: ``(N, 1, D, H, W)``.
+            study_index: ``(N,)``; when given, returns the per-study mean ``(B, E)`` with
+                ``B = study_index.max() + 1``.
+            batch_size: encode in chunks of this many crops (default: all at once).
+
+        Returns:
+            ``(N, E)`` or ``(B, E)``.
+        """
+        chunks = [crops] if not batch_size else list(crops.split(batch_size))
+        embs = []
+        for chunk in chunks:
+            feats = self.vision.encode(chunk.to(self.device), skips=False)
+            tokens, _ = self.vision.tokens(feats)
+            embs.append(self.proj_v(tokens.mean(1)))
+        emb = torch.cat(embs)
+        if study_index is None:
+            return emb
+        study_index = study_index.to(emb.device)
+        return _study_mean(emb, study_index, int(study_index.max()) + 1)
+
+    def encode_text(self, reports: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Report embeddings ``proj_t(masked_mean(T))`` ``(B, E)`` from text or tokens."""
+        tok = self.tokenize(reports) if isinstance(reports, list | tuple) else reports
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        return self.proj_t(self.text(ids, mask)[2])
