@@ -1,6 +1,27 @@
-"""t3d_objectives: see the package README."""
+"""t3d_objectives: T3D's losses (TCL, TIR, global alignment), crop corruptions and a
+gradient-carrying distributed gather. Depends on torch only; see docs/objectives.md.
+"""
 
 from __future__ import annotations
 
+from .alignment import AlignmentLoss, SigmoidAlignmentLoss
+from .contrastive import TextInformedContrastiveLoss
+from .corruptions import CropCorruption
+from .distributed import gather_with_grad, rank, world_size
+from .objective import PRESETS, ObjectiveConfig, T3DObjective
+from .restoration import RestorationLoss
+
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__ = [
+    "AlignmentLoss",
+    "CropCorruption",
+    "ObjectiveConfig",
+    "PRESETS",
+    "RestorationLoss",
+    "SigmoidAlignmentLoss",
+    "T3DObjective",
+    "TextInformedContrastiveLoss",
+    "gather_with_grad",
+    "rank",
+    "world_size",
+]
