@@ -91,7 +91,7 @@ def _check_nvox(path: Path, shape: tuple[int, ...], max_voxels: int) -> int:
 
 def _check_nifti_size(path: Path, img: Any, nvox: int) -> None:
     hdr = img.header
-    offset = int(hdr.get_data_offset())
+    offset = int(getattr(img.dataobj, "offset", 0) or hdr.get_data_offset())
     need = offset + nvox * hdr.get_data_dtype().itemsize
     size = path.stat().st_size
     if path.name.lower().endswith(".gz"):
