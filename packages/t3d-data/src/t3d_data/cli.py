@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         one_line = "; ".join(line for line in str(err).splitlines() if line.strip())
         print(f"t3d-data: error: {one_line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ImportError as err:  # e.g. an optional part of the package is missing
+        print(f"t3d-data: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("t3d-data: interrupted (rerun to resume)", file=sys.stderr)
         return 130
