@@ -1,0 +1,401 @@
+"""Segmentation fine-tuning and evaluation with MONAI (T3D-METHOD.md, "Evaluation").
+
+Random ROI crops (``RandCropByPosNegLabeld``), ``DiceCELoss`` and AdamW for training; whole-volume
+``sliding_window_inference`` and ``DiceMetric`` per class on the original voxel grid for testing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
+from torch import Tensor, nn
+
+from t3d_eval.embedding import AIR_VALUE
+
+__all__ = [
+    "evaluate_segmentation",
+    "finetune_segmentation",
+    "label_fraction_subset",
+    "predict_segmentation",
+    "save_overlays",
+]
+
+T = TypeVar("T")
+
+
+def label_fraction_subset(studies: Sequence[T], fraction: float, seed: int = 0) -> list[T]:
+    """A seeded random subset holding ``fraction`` of the labelled studies (at least one).
+
+    ``round(fraction * len(studies))`` studies (minimum 1), in their original order; the same
+    seed always gives the same subset.
+
+    Args:
+        studies: the labelled training studies.
+        fraction: in ``(0, 1]`` (e.g. 0.01, 0.1, 1.0).
+        seed: subset seed.
+
+    Returns:
+        The selected studies.
+
+    Raises:
+        ValueError: if ``fraction`` is outside ``(0, 1]`` or ``studies`` is empty.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1]; got {fraction}")
+    items = list(studies)
+    if not items:
+        raise ValueError("studies is empty")
+    n = max(1, round(fraction * len(items)))
+    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
+    return [items[i] for i in keep]
+
+
+def _roi(roi_size: Sequence[int] | int) -> tuple[int, int, int]:
+    roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(int(r) for r in roi_size)
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"roi_size must be 3 positive ints; got {roi_size}")
+    return roi  # type: ignore[return-value]
+
+
+def _check_study(i: int, study: dict[str, Any]) -> None:
+    for key in ("image", "label"):
+        if key not in study:
+            raise ValueError(f"study {i}: missing key {key!r} (need 'image' and 'label')")
+        shape = tuple(study[key].shape)
+        if len(shape) != 4 or shape[0] != 1:
+            raise ValueError(f"study {i}: {key!r} must have shape (1, X, Y, Z); got {shape}")
+    if tuple(study["image"].shape) != tuple(study["label"].shape):
+        raise ValueError(
+            f"study {i}: image {tuple(study['image'].shape)} and label "
+            f"{tuple(study['label'].shape)} differ"
+        )
+
+
+def _logits(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, list | tuple) else out
+
+
+def _device_of(model: Any) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def finetune_segmentation(
+    model: nn.Module,
+    train_data: Iterable[dict[str, Any]],
+    roi_size: Sequence[int] | int,
+    num_classes: int,
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-5,
+    label_fraction: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 2,
+    samples_per_volume: int = 2,
+    pos_neg: tuple[float, float] = (1.0, 1.0),
+    device: str | torch.device | None = None,
+) -> list[float]:
+    """Fine-tune a segmentation network on random ROI crops with Dice + cross-entropy.
+
+    Each step draws ``batch_size`` studies (seeded), pads them with air to at least the ROI,
+    takes ``samples_per_volume`` crops each with MONAI ``RandCropByPosNegLabeld`` (foreground /
+    background centres in the ratio ``pos_neg``) and makes one AdamW step on ``DiceCELoss``. The
+    budget is counted in steps, so a T3D-initialised and a from-scratch network can be given
+    the same one.
+
+    Args:
+        model: ``(B, 1, *roi) -> (B, num_classes, *roi)`` logits (e.g. MONAI ``SwinUNETR``).
+        train_data: dicts with ``"image"`` float ``(1, X, Y, Z)`` and ``"label"`` int
+            ``(1, X, Y, Z)`` (class indices ``0..num_classes-1``).
+        roi_size: training crop size.
+        num_classes: output channels, background included.
+        steps: optimizer steps.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        label_fraction: fraction of ``train_data`` used (:func:`label_fraction_subset`).
+        seed: seeds the subset, the crop sampler and ``torch``.
+        batch_size: studies per step.
+        samples_per_volume: crops per study per step.
+        pos_neg: relative weights of foreground- and background-centred crops.
+        device: where to train (default: the model's device).
+
+    Returns:
+        The loss of every step.
+
+    Raises:
+        ValueError: on malformed studies or arguments.
+    """
+    roi = _roi(roi_size)
+    if steps < 1 or batch_size < 1 or samples_per_volume < 1:
+        raise ValueError(
+            f"steps, batch_size and samples_per_volume must be >= 1; got {steps}, {batch_size}, "
+            f"{samples_per_volume}"
+        )
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background included); got {num_classes}")
+    studies = label_fraction_subset(list(train_data), label_fraction, seed)
+    for i, s in enumerate(studies):
+        _check_study(i, s)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = torch.device(device) if device is not None else _device_of(model)
+
+    keys = ["image", "label"]
+    prepare = Compose(
+        [
+            SpatialPadd(keys=keys, spatial_size=roi, mode="constant", value=AIR_VALUE),
+            FgBgToIndicesd(keys="label", fg_postfix="_fg", bg_postfix="_bg"),
+        ]
+    )
+    crop = RandCropByPosNegLabeld(
+        keys=keys,
+        label_key="label",
+        spatial_size=roi,
+        pos=pos_neg[0],
+        neg=pos_neg[1],
+        num_samples=samples_per_volume,
+        fg_indices_key="label_fg",
+        bg_indices_key="label_bg",
+    )
+    crop.set_random_state(seed=seed)
+    prepared = [
+        prepare(
+            {
+                "image": torch.as_tensor(s["image"]).float(),
+                "label": torch.as_tensor(s["label"]).long(),
+            }
+        )
+        for s in studies
+    ]
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.to(device).train()
+    losses: list[float] = []
+    for _ in range(steps):
+        images, labels = [], []
+        for idx in rng.integers(0, len(prepared), size=batch_size):
+            for sample in crop(prepared[int(idx)]):
+                images.append(torch.as_tensor(sample["image"]))
+                labels.append(torch.as_tensor(sample["label"]))
+        x = torch.stack(images).to(device)
+        y = torch.stack(labels).to(device)
+        loss = loss_fn(_logits(model, x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def predict_segmentation(
+    model: Callable[[Tensor], Any],
+    image: Tensor | np.ndarray,
+    roi_size: Sequence[int] | int,
+    *,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """Label map of a whole volume by sliding-window inference (air padding, cropped back).
+
+    Args:
+        model: ``(B, 1, *roi) -> (B, C, *roi)`` logits.
+        image: ``(1, X, Y, Z)`` float.
+        roi_size: window size.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap in ``[0, 1)``.
+        device: where the model runs (default: its device).
+
+    Returns:
+        ``(X, Y, Z)`` long tensor of class indices on the input grid, on CPU.
+    """
+    roi = _roi(roi_size)
+    device = torch.device(device) if device is not None else _device_of(model)
+    x = torch.as_tensor(image).float()
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"image must have shape (1, X, Y, Z); got {tuple(x.shape)}")
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        logits = sliding_window_inference(
+            x[None].to(device),
+            roi,
+            sw_batch_size,
+            lambda t: _logits(model, t),
+            overlap=overlap,
+            padding_mode="constant",
+            cval=AIR_VALUE,
+        )
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    pred = torch.as_tensor(logits).argmax(dim=1)[0].cpu()
+    if tuple(pred.shape) != tuple(x.shape[1:]):
+        raise RuntimeError(f"prediction {tuple(pred.shape)} not on input grid {tuple(x.shape[1:])}")
+    return pred
+
+
+def evaluate_segmentation(
+    model: Callable[[Tensor], Any],
+    volumes: Iterable[dict[str, Any]],
+    roi_size: Sequence[int] | int,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Dice per foreground class on whole volumes, on the original voxel grid.
+
+    Every volume is predicted with :func:`predict_segmentation` (no resampling). When a study
+    carries ``"original_shape"`` ``(X, Y, Z)`` (a loader padded it), prediction and label are
+    cropped back to ``[:X, :Y, :Z]`` before scoring. Dice is MONAI's
+    ``DiceMetric(include_background=False, reduction="mean_batch")``: a class absent from a
+    volume's label is left out of that class's mean (NaN if absent everywhere).
+
+    Args:
+        model: ``(B, 1, *roi) -> (B, num_classes, *roi)`` logits.
+        volumes: dicts with ``"image"`` ``(1, X, Y, Z)`` and ``"label"`` ``(1, X, Y, Z)``.
+        roi_size: sliding-window size.
+        num_classes: classes, background included.
+        class_names: names of the ``num_classes - 1`` foreground classes.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap.
+        device: where the model runs.
+
+    Returns:
+        ``{class_name: dice, ..., "mean": mean over classes with a Dice}``.
+
+    Raises:
+        ValueError: on malformed volumes, names or an empty ``volumes``.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background included); got {num_classes}")
+    names = (
+        list(class_names)
+        if class_names is not None
+        else [f"class_{c}" for c in range(1, num_classes)]
+    )
+    if len(names) != num_classes - 1:
+        raise ValueError(f"{len(names)} class names for {num_classes - 1} foreground classes")
+    metric = DiceMetric(include_background=False, reduction="mean_batch")
+    count = 0
+    for i, study in enumerate(volumes):
+        _check_study(i, study)
+        pred = predict_segmentation(
+            model,
+            study["image"],
+            roi_size,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            device=device,
+        )
+        label = torch.as_tensor(study["label"])[0].long().cpu()
+        if "original_shape" in study:
+            ox, oy, oz = (int(s) for s in study["original_shape"])
+            pred, label = pred[:ox, :oy, :oz], label[:ox, :oy, :oz]
+        metric(
+            one_hot(pred[None, None], num_classes, dim=1),
+            one_hot(label[None, None], num_classes, dim=1),
+        )
+        count += 1
+    if count == 0:
+        raise ValueError("volumes is empty")
+    per_class = metric.aggregate().reshape(-1).tolist()
+    out = {n: float(v) for n, v in zip(names, per_class, strict=True)}
+    valid = [v for v in per_class if not np.isnan(v)]
+    out["mean"] = float(np.mean(valid)) if valid else float("nan")
+    return out
+
+
+def save_overlays(
+    image: Tensor | np.ndarray,
+    label: Tensor | np.ndarray,
+    pred: Tensor | np.ndarray,
+    path: str | os.PathLike[str],
+    n_slices: int = 3,
+    axis: int = 2,
+) -> str:
+    """Write a PNG of ``n_slices`` slices: image, ground truth overlay, prediction overlay.
+
+    Slices are spread evenly over those containing ground-truth foreground (all slices if
+    there is none). Uses matplotlib's Agg canvas directly; pyplot's global state is untouched.
+
+    Args:
+        image: ``(1, X, Y, Z)`` or ``(X, Y, Z)``.
+        label: same spatial shape, class indices.
+        pred: same spatial shape, class indices.
+        path: output ``.png`` path (parent folders are created).
+        n_slices: rows of the figure.
+        axis: slicing axis (2 = axial in RAS order).
+
+    Returns:
+        The path written, as a string.
+
+    Raises:
+        ValueError: on shape mismatches or ``n_slices < 1``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def vol(name: str, x: Tensor | np.ndarray) -> np.ndarray:
+        a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)
+        a = a[0] if a.ndim == 4 else a
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be (1, X, Y, Z) or (X, Y, Z); got {a.shape}")
+        return a
+
+    img, lab, prd = vol("image", image), vol("label", label), vol("pred", pred)
+    if not img.shape == lab.shape == prd.shape:
+        raise ValueError(f"shapes differ: image {img.shape}, label {lab.shape}, pred {prd.shape}")
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be >= 1; got {n_slices}")
+    other = tuple(a for a in range(3) if a != axis)
+    candidates = np.flatnonzero((lab > 0).any(axis=other))
+    if candidates.size == 0:
+        candidates = np.arange(img.shape[axis])
+    picks = candidates[np.linspace(0, candidates.size - 1, n_slices).round().astype(int)]
+    vmax = max(int(lab.max()), int(prd.max()), 1)
+
+    fig = Figure(figsize=(9, 3 * n_slices))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_slices, 3, squeeze=False)
+    for row, s in enumerate(picks):
+        im = np.take(img, s, axis=axis).T
+        for col, (title, overlay) in enumerate((("image", None), ("label", lab), ("pred", prd))):
+            ax = axes[row][col]
+            ax.imshow(im, cmap="gray", origin="lower")
+            if overlay is not None:
+                sl = np.take(overlay, s, axis=axis).T
+                ax.imshow(
+                    np.ma.masked_equal(sl, 0),
+                    cmap="tab10",
+                    vmin=0,
+                    vmax=max(vmax, 9),
+                    alpha=0.5,
+                    origin="lower",
+                    interpolation="nearest",
+                )
+            ax.set_title(f"{title}, slice {int(s)}")
+            ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return os.fspath(path)
