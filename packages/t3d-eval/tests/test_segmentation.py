@@ -1,0 +1,177 @@
+"""Segmentation: label subsets, Dice on the original grid, fine-tuning, overlays."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+from t3d_eval import (
+    evaluate_segmentation,
+    finetune_segmentation,
+    label_fraction_subset,
+    predict_segmentation,
+    save_overlays,
+)
+
+NUM_CLASSES = 3
+
+
+class Oracle(torch.nn.Module):
+    """Reads the class index encoded in the image (value = class / 10) and outputs logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x[:, 0] * 10).round().long().clamp(0, NUM_CLASSES - 1)
+        return torch.nn.functional.one_hot(cls, NUM_CLASSES).permute(0, 4, 1, 2, 3).float() * 5
+
+
+def naive_dice(preds: list[np.ndarray], labels: list[np.ndarray]) -> list[float]:
+    """Per class: mean over volumes where the class is in the label, of 2|P∩G| / (|P| + |G|)."""
+    out = []
+    for c in range(1, NUM_CLASSES):
+        scores = []
+        for p, g in zip(preds, labels, strict=True):
+            if (g == c).sum() == 0:
+                continue
+            inter = np.logical_and(p == c, g == c).sum()
+            scores.append(2 * inter / ((p == c).sum() + (g == c).sum()))
+        out.append(float(np.mean(scores)) if scores else math.nan)
+    return out
+
+
+def make_study(shape, seed, absent_class=None):
+    gen = np.random.default_rng(seed)
+    label = np.zeros(shape, dtype=np.int64)
+    label[5:20, 4:15, 10:30] = 1
+    label[22:30, 15:25, 5:12] = 2
+    if absent_class is not None:
+        label[label == absent_class] = 0
+    pred = label.copy()
+    flip = gen.random(shape) < 0.1
+    pred[flip] = gen.integers(0, NUM_CLASSES, flip.sum())
+    study = {
+        "image": torch.from_numpy(pred / 10.0).float()[None],
+        "label": torch.from_numpy(label)[None],
+    }
+    return study, pred, label
+
+
+def test_dice_on_original_grid_matches_naive_numpy():
+    shape = (37, 29, 41)  # not a multiple of the ROI: sliding windows pad, then crop back
+    studies, preds, labels = zip(
+        *(make_study(shape, 0), make_study(shape, 1, absent_class=2)), strict=True
+    )
+    out = evaluate_segmentation(
+        Oracle(), studies, roi_size=16, num_classes=NUM_CLASSES, class_names=["liver", "tumour"]
+    )
+    ref = naive_dice(list(preds), list(labels))
+    assert out["liver"] == pytest.approx(ref[0], abs=1e-5)
+    assert out["tumour"] == pytest.approx(ref[1], abs=1e-5)
+    assert out["mean"] == pytest.approx(np.mean(ref), abs=1e-5)
+    pred = predict_segmentation(Oracle(), studies[0]["image"], (16, 16, 16))
+    assert tuple(pred.shape) == shape and np.array_equal(pred.numpy(), preds[0])
+
+
+def test_padded_studies_are_cropped_back():
+    shape = (37, 29, 41)
+    study, pred, label = make_study(shape, 2)
+    padded = {
+        # Padding region predicted as class 1 but labelled 0: counts only if not cropped back.
+        "image": torch.nn.functional.pad(study["image"], (0, 7, 0, 3, 0, 11), value=0.1),
+        "label": torch.nn.functional.pad(study["label"], (0, 7, 0, 3, 0, 11), value=0),
+        "original_shape": shape,
+    }
+    out = evaluate_segmentation(Oracle(), [padded], roi_size=(16, 16, 16), num_classes=NUM_CLASSES)
+    ref = naive_dice([pred], [label])
+    assert [out["class_1"], out["class_2"]] == pytest.approx(ref, abs=1e-5)
+
+
+def test_label_fraction_subset():
+    studies = list(range(50))
+    assert len(label_fraction_subset(studies, 0.1, seed=0)) == 5
+    assert len(label_fraction_subset(studies, 0.01, seed=0)) == 1  # at least one study
+    assert label_fraction_subset(studies, 1.0) == studies
+    a = label_fraction_subset(studies, 0.2, seed=3)
+    assert a == label_fraction_subset(studies, 0.2, seed=3) and a == sorted(a)
+    assert a != label_fraction_subset(studies, 0.2, seed=4)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        label_fraction_subset(studies, 0.0)
+
+
+def sphere_studies(n: int, size: int = 32) -> list[dict]:
+    gen = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
+    out = []
+    for _ in range(n):
+        centre = gen.integers(10, size - 10, 3)[:, None, None, None]
+        label = (((grid - centre) ** 2).sum(0) < 6**2).astype(np.int64)
+        image = 0.3 + 0.4 * label + gen.normal(0, 0.1, label.shape)
+        out.append(
+            {"image": torch.from_numpy(image).float()[None], "label": torch.from_numpy(label)[None]}
+        )
+    return out
+
+
+def test_finetune_decreases_the_loss_on_a_tiny_problem():
+    torch.manual_seed(0)
+    net = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(8, 16),
+        strides=(2,),
+        num_res_units=0,
+    )
+    studies = sphere_studies(3)
+    losses = finetune_segmentation(
+        net,
+        studies,
+        roi_size=16,
+        num_classes=2,
+        steps=25,
+        lr=1e-2,
+        batch_size=2,
+        samples_per_volume=2,
+        seed=0,
+    )
+    assert len(losses) == 25
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert evaluate_segmentation(net, studies[:1], roi_size=16, num_classes=2)["mean"] > 0.5
+
+
+@pytest.mark.slow
+def test_swinunetr_fine_tunes_and_evaluates():
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    net = SwinUNETR(
+        in_channels=1,
+        out_channels=2,
+        feature_size=12,
+        window_size=4,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+    )
+    studies = sphere_studies(1, size=64)
+    losses = finetune_segmentation(
+        net, studies, roi_size=64, num_classes=2, steps=1, batch_size=1, samples_per_volume=1
+    )
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    out = evaluate_segmentation(net, studies, roi_size=64, num_classes=2)
+    assert 0.0 <= out["class_1"] <= 1.0
+
+
+def test_save_overlays_writes_a_png(tmp_path: Path):
+    study = sphere_studies(1)[0]
+    path = save_overlays(
+        study["image"], study["label"], study["label"][0], tmp_path / "a" / "o.png", n_slices=2
+    )
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
