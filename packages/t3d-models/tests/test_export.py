@@ -1,0 +1,46 @@
+import pytest
+import torch
+from t3d_models import build_monai_swinunetr, export_swinunetr, swinunetr_kwargs
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def test_export_loads_strictly_into_plain_swinunetr(tiny_model, x):
+    from monai.networks.nets import SwinUNETR
+
+    state = export_swinunetr(tiny_model, out_channels=1)
+    net = SwinUNETR(out_channels=1, **swinunetr_kwargs(tiny_model.config)).eval()
+    net.load_state_dict(state, strict=True)  # encoder + decoder + out: every key
+    with torch.no_grad():
+        ours = tiny_model.vision.encode(x)
+        theirs = net.swinViT(x, net.normalize)
+        for a, b in zip(ours.hidden_states, theirs, strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(ours.dec4, net.encoder10(theirs[4]))
+        assert torch.equal(ours.enc0, net.encoder1(x))
+        assert torch.equal(tiny_model.vision(x), net(x))
+
+
+def test_build_from_checkpoint_reports_new_keys(tiny_model, tiny_ckpt, x):
+    net, report = build_monai_swinunetr(tiny_ckpt, out_channels=3, return_report=True)
+    assert report["newly_initialised"] == ["out.conv.conv.bias", "out.conv.conv.weight"]
+    assert any(k.startswith("decoder5.") for k in report["loaded"])
+    net.eval()
+    with torch.no_grad():
+        theirs = net.swinViT(x, net.normalize)
+        ours = tiny_model.vision.encode(x, skips=False).hidden_states
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        assert net(x).shape == (1, 3, 64, 64, 64)
+
+
+def test_encoder_only_export(tiny_model):
+    state = export_swinunetr(tiny_model, out_channels=1, include_decoder=False)
+    modules = {k.split(".")[0] for k in state}
+    assert modules == {"swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"}
+    net, report = build_monai_swinunetr(tiny_model, out_channels=2, include_decoder=False,
+                                        return_report=True)
+    assert {k.split(".")[0] for k in report["newly_initialised"]} == {
+        "decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out"}
