@@ -120,3 +120,21 @@ def test_prepare_resumes_after_sigkill(tmp_path, make_dataset):
     store = VolumeStore(out)
     assert [r.study_id for r in store.records] == [f"ct_{i:03d}" for i in range(6)]
     _assert_store_matches_sources(store)
+
+
+def test_fast_chunk_reader_matches_zarr(tmp_path, make_dataset):
+    manifest = make_dataset(2, shape=(37, 21, 18))
+    prepare(manifest, tmp_path / "store", chunk=8, progress=False)
+    store = VolumeStore(tmp_path / "store")
+    assert store._fast_layout(0, "image") is not None and store._fast_layout(0, "mask") is not None
+    z, zm = store.array(0, "image"), store.array(0, "mask")
+    assert np.count_nonzero(zm[...]) < zm.size  # all-zero mask chunks are not written (fill)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        box = tuple(slice(int(a), int(a + rng.integers(0, 30))) for a in
+                    (rng.integers(-5, s) for s in z.shape))
+        box = tuple(slice(max(b.start, 0), b.stop) for b in box)
+        assert np.array_equal(store.read(0, box), z[box]), box
+        assert np.array_equal(store.read_mask(0, box), zm[box]), box
+    assert np.array_equal(store.read(0, (slice(3, 9),)), z[3:9])
+    assert np.array_equal(store.read(0, (slice(0, 9, 2),)), z[0:9:2])  # falls back to zarr
