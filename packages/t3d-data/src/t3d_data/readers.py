@@ -181,7 +181,7 @@ def _read_dicom(folder: Path, max_voxels: int, series_uid: str | None
     return _to_int16(array), ras
 
 
-def read_volume(path: str | Path, *, max_voxels: int = 2**31, series_uid: str | None = None
+def read_volume(path: str | Path, max_voxels: int = 2**31, *, series_uid: str | None = None
                 ) -> Volume:
     """Reads a CT volume as RAS-canonical int16 HU.
 
@@ -213,7 +213,7 @@ def read_volume(path: str | Path, *, max_voxels: int = 2**31, series_uid: str | 
     return Volume(array=array, affine=affine, spacing=_spacing(affine))
 
 
-def read_mask(path: str | Path, *, max_voxels: int = 2**31) -> Volume:
+def read_mask(path: str | Path, max_voxels: int = 2**31) -> Volume:
     """Reads a NIfTI label map, reoriented exactly like :func:`read_volume`.
 
     Args:
