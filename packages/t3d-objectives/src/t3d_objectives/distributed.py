@@ -72,14 +72,23 @@ def _all_gather_autograd(x: torch.Tensor) -> torch.Tensor:
         fn = getattr(fc, "all_gather_single_autograd", None) or getattr(
             fc, "all_gather_tensor_autograd", None
         )
-    if fn is not None:
-        out = fn(x, 0, dist.group.WORLD)
-        if isinstance(out, fc.AsyncCollectiveTensor):
-            out = out.wait()
-        return out
-    from torch.distributed.nn.functional import all_gather  # pragma: no cover
+    if fn is None:  # pragma: no cover - torch without functional collectives
+        return _all_gather_nn(x)
+    out = fn(x, 0, dist.group.WORLD)
+    if isinstance(out, fc.AsyncCollectiveTensor):
+        out = out.wait()
+    return out
 
-    return torch.cat(all_gather(x), dim=0)  # pragma: no cover
+
+def _all_gather_nn(x: torch.Tensor) -> torch.Tensor:
+    """Fallback: ``torch.distributed.nn.functional.all_gather`` (sums gradients in backward)."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in favour of functional collectives
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 def gather_with_grad(x: torch.Tensor, check_shapes: bool = True) -> torch.Tensor:
@@ -92,6 +101,8 @@ def gather_with_grad(x: torch.Tensor, check_shapes: bool = True) -> torch.Tensor
     tensor is *summed* over ranks and each rank receives the slice that belongs to its own
     input, so ``sum_r loss_r`` is differentiated exactly. Non-contiguous inputs are made
     contiguous first. Without a process group (or with one process) this is the identity.
+    The first functional-collective call of a process imports torch's tracing stack (a one-time
+    cost of a few seconds).
 
     Args:
         x: ``(n, ...)`` tensor on this rank; every rank must hold the same shape.
