@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""T3D pre-training with Hugging Face Accelerate (TCL + TIR + global alignment).
+
+    accelerate launch tools/pretrain.py --config tools/configs/pretrain/t3d-base.yaml \
+        [--set section.field=value ...] [--resume latest|PATH]
+    python tools/pretrain.py            # the embedded CPU demo on phantom CT-report data
+
+The story (accelerate's examples): build the data, model and objective; ``prepare``; loop inside
+``accelerator.accumulate``; ``save_state`` atomically every N steps; ``load_state`` +
+``skip_first_batches`` to resume exactly. Models and losses live in the t3d packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from t3d_tools.config import ConfigError, load_config, run_cli  # noqa: E402
+
+log = logging.getLogger("t3d.pretrain")
+
+DEMO_STUDIES = 40
+DEMO_DEFAULTS: dict[str, Any] = {
+    # The embedded default: the t3d-tiny-cpu model on a small phantom dataset, ~10 min on 2 cores.
+    "data": {"store": None, "batch_size": 4, "num_workers": 1, "crop": {"num_crops": 2}},
+    "model": {"preset": "t3d-tiny-cpu"},
+    "optim": {"lr": 3e-4, "warmup_steps": 5, "max_steps": 60},
+    "run": {"output_dir": "runs/demo", "checkpoint_every": 20, "eval_crops": 2},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML config (tools/configs/pretrain/*.yaml); "
+                   "omit to run the embedded CPU demo on phantom data")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                   help="override one config field, e.g. --set optim.max_steps=10 (repeatable)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="resume from the newest complete checkpoint of the run, or a folder")
+    return p.parse_args(argv)
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo's phantom data is cached (``$T3D_CACHE_DIR`` or ``~/.cache/t3d``)."""
+    return Path(os.environ.get("T3D_CACHE_DIR", Path.home() / ".cache" / "t3d"))
+
+
+def ensure_demo_store(n_studies: int = DEMO_STUDIES, seed: int = 0) -> Path:
+    """Build (once) the phantom dataset and prepare it into a store; return the store folder."""
+    from t3d_data import prepare
+    from t3d_data.phantom import generate_phantom_dataset
+
+    root = demo_cache_dir() / f"phantom-n{n_studies}-s{seed}"
+    store = root / "store"
+    if not (store / "index.json").is_file() or not (root / "manifest.ok").is_file():
+        manifest = generate_phantom_dataset(root / "phantom", n_studies=n_studies, seed=seed)
+        prepare(manifest, store)
+        (root / "manifest.ok").write_text("ok\n")
+    return store
+
+
+def load_pretrain_config(args: argparse.Namespace):
+    """The validated :class:`PretrainConfig` (demo defaults when no ``--config``)."""
+    from t3d_tools.pretrain_config import PretrainConfig
+
+    if args.config is None:
+        defaults = json.loads(json.dumps(DEMO_DEFAULTS))
+        overridden = {o.split("=", 1)[0].strip() for o in args.overrides}
+        if "data.store" not in overridden:
+            defaults["data"]["store"] = "<demo>"
+        return load_config(PretrainConfig, None, args.overrides, defaults=defaults)
+    return load_config(PretrainConfig, args.config, args.overrides)
+
+
+class StopFlag:
+    """Set by SIGTERM; ranks agree on it at step boundaries so all save at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_pretrain_config(args)
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from t3d_data import CropDataset
+    from t3d_models import T3DModel
+    from t3d_objectives import CropCorruption, T3DObjective
+    from t3d_tools.checkpoint import finalize, resolve_resume, write_json_atomic
+    from t3d_tools.data import EpochShuffleSampler, PretrainDataset, collate_pretrain
+    from t3d_tools.pretrain_config import resolve_objective
+    from t3d_tools.trainer import PretrainModule, summarise_run, timed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    objective_cfg = resolve_objective(cfg.objective)
+    disabled_term = min(objective_cfg.w_tcl, objective_cfg.w_tir, objective_cfg.w_align) == 0
+    run_dir = cfg.run.output_dir
+    use_tensorboard = cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with="tensorboard" if use_tensorboard else None,
+        project_dir=str(run_dir),
+        mixed_precision=cfg.run.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=disabled_term)],
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ckpt_root = run_dir / "checkpoints"
+
+    if str(cfg.data.store) == "<demo>":
+        with accelerator.main_process_first():
+            store = ensure_demo_store(seed=cfg.run.seed) if accelerator.is_main_process else None
+        cfg.data.store = store or ensure_demo_store(seed=cfg.run.seed)
+    if not (Path(cfg.data.store) / "index.json").is_file():
+        raise ConfigError(f"data.store: {cfg.data.store} is not a prepared store (no index.json); "
+                          "run `t3d-data prepare MANIFEST OUT` first")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    resolved = json.loads(cfg.model_dump_json())
+
+    set_seed(cfg.run.seed)
+    if cfg.run.gradient_checkpointing:
+        cfg.model.vision.use_checkpoint = True
+    module = PretrainModule(T3DModel(cfg.model), T3DObjective.from_config(objective_cfg))
+
+    crops = CropDataset(cfg.data.store, cfg.data.crop, split=cfg.data.split)
+    corruption = None
+    if objective_cfg.w_tir > 0:
+        c = cfg.corruption
+        corruption = CropCorruption(drop_fraction=c.drop_fraction, max_block_fraction=c.max_block_fraction,
+                                    shuffle_block_size=c.shuffle_block_size, mode=c.mode,
+                                    noise_std=c.noise_std)
+    dataset = PretrainDataset(crops, corruption, seed=cfg.data.crop.seed)
+    sampler = EpochShuffleSampler(len(dataset), seed=cfg.data.crop.seed, shuffle=cfg.data.shuffle)
+    per_step = cfg.data.batch_size * accelerator.num_processes
+    if len(dataset) < per_step:
+        raise ConfigError(f"data: split {cfg.data.split!r} has {len(dataset)} studies, fewer than one "
+                          f"global batch ({cfg.data.batch_size} x {accelerator.num_processes} processes)")
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_pretrain,
+                        drop_last=True, pin_memory=cfg.data.pin_memory,
+                        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None)
+
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit" in name or "bias" in name else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=cfg.optim.betas)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, cfg.optim.max_steps)
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    batches_per_epoch = len(loader)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
+             "consecutive_skips": 0, "studies_seen": 0, "studies_failed": 0}
+    if args.resume:
+        path = resolve_resume(args.resume, ckpt_root)
+        accelerator.load_state(str(path))
+        state.update(json.loads((path / "trainer_state.json").read_text())["state"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state["step"],
+                 state["epoch"], state["batch_in_epoch"])
+
+    if use_tensorboard:
+        accelerator.init_trackers("tensorboard")
+    log_path = run_dir / "log.jsonl"
+    stop = StopFlag()
+
+    def save_checkpoint() -> Path | None:
+        tmp = ckpt_root / f".tmp-{state['step']:08d}"
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(module).model.save_pretrained(tmp / "model")
+            final = finalize(tmp, ckpt_root, state["step"], {"step": state["step"], "state": state,
+                                                             "config": resolved}, cfg.run.keep_last)
+            log.info("checkpoint %s", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], desc="pretrain",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    t_start, compute_time, crops_done, waits = time.perf_counter(), 0.0, 0, [0.0]
+    stopped_by_signal = False
+    while state["step"] < cfg.optim.max_steps and not stopped_by_signal:
+        sampler.set_epoch(state["epoch"])
+        dataset.set_epoch(state["epoch"])
+        epoch_loader = loader
+        if state["batch_in_epoch"]:
+            epoch_loader = accelerator.skip_first_batches(loader, state["batch_in_epoch"])
+        for batch in timed(epoch_loader, waits):
+            state["batch_in_epoch"] += 1
+            state["studies_seen"] += batch["num_samples"]
+            for study_id, reason in batch["failed"]:
+                state["studies_failed"] += 1
+                log.warning("study %s skipped: %s", study_id, reason)
+            failed = accelerator.reduce(torch.tensor(len(batch["failed"]), device=accelerator.device), "sum")
+            if failed.item():
+                if state["studies_failed"] / max(state["studies_seen"], 1) > cfg.run.max_bad_fraction:
+                    raise SystemExit(
+                        f"error: {state['studies_failed']} of {state['studies_seen']} studies failed to "
+                        f"load (> run.max_bad_fraction={cfg.run.max_bad_fraction}); check the store "
+                        "(t3d-data prepare) and the warnings above")
+                continue  # every rank drops this batch together (keeps DDP in step)
+            # Seed per micro-batch: dropout depends only on (seed, step, batch, rank) -> exact resume.
+            torch.manual_seed(hash((cfg.run.seed, state["step"], state["batch_in_epoch"],
+                                    accelerator.process_index)) % 2**62)
+            t1 = time.perf_counter()
+            with accelerator.accumulate(module):
+                losses = module(batch)
+                loss = losses["loss"]
+                if state["step"] in cfg.run.debug_nan_steps:
+                    loss = loss * float("nan")
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() > 0
+                if finite:
+                    accelerator.backward(loss)
+                grad_norm = math.nan
+                if accelerator.sync_gradients and finite:
+                    grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip))
+                    finite = math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            compute_time += time.perf_counter() - t1
+            crops_done += batch["crops"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            if finite:
+                state["consecutive_skips"] = 0
+            else:
+                state["skipped_steps"] += 1
+                state["consecutive_skips"] += 1
+                log.warning("step %d skipped: non-finite loss or gradients (%d in a row)",
+                            state["step"], state["consecutive_skips"])
+                if state["consecutive_skips"] >= cfg.run.max_consecutive_skips:
+                    raise SystemExit(
+                        f"error: {state['consecutive_skips']} consecutive steps had non-finite loss or "
+                        f"gradients (run.max_consecutive_skips={cfg.run.max_consecutive_skips}); lower "
+                        "optim.lr, check the data, or try run.mixed_precision=no")
+            logged = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in losses.items()}
+            record = {"step": state["step"], "epoch": state["epoch"], **logged,
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite,
+                      "time": time.perf_counter() - t_start}
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items()
+                             if isinstance(v, float) and math.isfinite(v)}, step=state["step"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged['loss']:.3f}")
+            if state["batch_in_epoch"] >= batches_per_epoch:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+            flag = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "max")
+            if flag.item() > 0:
+                log.warning("SIGTERM: saving at step %d and exiting", state["step"])
+                save_checkpoint()
+                stopped_by_signal = True
+                break
+            if state["step"] % cfg.run.checkpoint_every == 0 or state["step"] == cfg.optim.max_steps:
+                save_checkpoint()
+            if state["step"] >= cfg.optim.max_steps or state["batch_in_epoch"] == 0:
+                break
+        else:  # the loader ran out (e.g. the epoch's last batches failed to load)
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    bar.close()
+    if stopped_by_signal:
+        return 0
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(module).model.save_pretrained(run_dir / "model")
+    accelerator.wait_for_everyone()
+    elapsed = time.perf_counter() - t_start
+    timing = {"seconds": elapsed, "data_wait_seconds": waits[0], "compute_seconds": compute_time,
+              "crops_per_second": crops_done / max(compute_time + waits[0], 1e-9)}
+    summary = summarise_run(accelerator, accelerator.unwrap_model(module).model, cfg, log_path, timing)
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "summary.json", summary)
+        print(summary["text"])
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,146 @@
+"""The pre-training config: one pydantic model composed of the packages' own configs.
+
+``data`` is :class:`t3d_data.DataConfig`, ``model`` is :class:`t3d_models.T3DModelConfig`
+(``model.preset: NAME`` loads a preset and the other keys override it), ``objective`` mirrors
+:class:`t3d_objectives.ObjectiveConfig` (``objective.preset`` + overrides), plus optimisation
+and run settings owned by ``tools/pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from t3d_data import CropConfig, DataConfig
+from t3d_models import T3DModelConfig, load_preset
+from t3d_objectives import PRESETS, ObjectiveConfig
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_objective_hints = typing.get_type_hints(ObjectiveConfig)
+ObjectiveSection = create_model(  # every ObjectiveConfig field, optional, plus the preset name
+    "ObjectiveSection",
+    __config__=_STRICT,
+    preset=(Literal[tuple(PRESETS)], "t3d"),  # type: ignore[valid-type]
+    **{f.name: (_objective_hints[f.name] | None, None) for f in dataclasses.fields(ObjectiveConfig)},
+)
+
+
+def resolve_objective(section: BaseModel) -> ObjectiveConfig:
+    """The preset's :class:`ObjectiveConfig` with the section's explicit fields applied."""
+    overrides = {k: v for k, v in section.model_dump(exclude={"preset"}).items() if v is not None}
+    return dataclasses.replace(PRESETS[section.preset], **overrides)
+
+
+class OptimConfig(BaseModel):
+    """AdamW with linear warmup then cosine decay (transformers' schedule)."""
+
+    model_config = _STRICT
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(100, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+
+
+class CorruptionConfig(BaseModel):
+    """Options of :class:`t3d_objectives.CropCorruption` (TIR inputs)."""
+
+    model_config = _STRICT
+    mode: Literal["both", "dropout", "shuffle"] = "both"
+    drop_fraction: tuple[float, float] = (0.1, 0.3)
+    max_block_fraction: float = Field(0.25, gt=0, le=1)
+    shuffle_block_size: int = Field(4, ge=2)
+    noise_std: float = Field(0.1, ge=0)
+
+
+class RunConfig(BaseModel):
+    """Where the run goes, how often it checkpoints, and what it tolerates."""
+
+    model_config = _STRICT
+    output_dir: Path = Path("runs/pretrain")
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    max_consecutive_skips: int = Field(5, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    tensorboard: bool = True
+    eval_split: str | None = "test"
+    eval_crops: int = Field(4, ge=1)
+    debug_nan_steps: list[int] = Field(default_factory=list)
+
+
+class PretrainConfig(BaseModel):
+    """Everything a pre-training run needs; written into the run folder and every checkpoint."""
+
+    model_config = _STRICT
+    data: DataConfig
+    model: T3DModelConfig = Field(default_factory=lambda: T3DModelConfig.from_preset("t3d-tiny-cpu"))
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)  # type: ignore[valid-type]
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_presets(cls, data: Any) -> Any:
+        """``model.preset`` loads that preset; the crop size defaults to the model's."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        model = data.get("model")
+        if isinstance(model, dict) and "preset" in model:
+            model = dict(model)
+            name = model.pop("preset")
+            try:
+                base = load_preset(name)
+            except (KeyError, ValueError) as err:
+                raise ValueError(str(err).strip("'\"")) from None
+            data["model"] = _deep_merge(base, model)
+        model = data.get("model")
+        crop_size = None
+        if isinstance(model, dict):
+            crop_size = model.get("vision", {}).get("crop_size")
+        elif isinstance(model, T3DModelConfig):
+            crop_size = model.vision.crop_size
+        if crop_size is None:
+            crop_size = CropConfig().crop_size if model else T3DModelConfig.from_preset("t3d-tiny-cpu").vision.crop_size
+        d = data.get("data")
+        if isinstance(d, dict):
+            d = dict(d)
+            crop = dict(d.get("crop") or {})
+            crop.setdefault("crop_size", list(crop_size))
+            d["crop"] = crop
+            data["data"] = d
+        return data
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PretrainConfig:
+        if self.data.crop.num_crops < 2 and (resolve_objective(self.objective).w_tcl > 0):
+            raise ValueError(
+                f"data.crop.num_crops={self.data.crop.num_crops}: TCL needs K >= 2 crops per study "
+                "(crops of one study are each other's positives); set data.crop.num_crops=2 or more"
+            )
+        objective = resolve_objective(self.objective)
+        if objective.w_tir > 0 and not self.model.restoration:
+            raise ValueError("objective.w_tir > 0 needs model.restoration=true (or set objective.w_tir=0)")
+        return self

@@ -1,0 +1,148 @@
+"""Pieces of the pre-training loop that are not the story itself: the model+objective module
+that DDP wraps, a timed iterator, and the end-of-run summary (losses, throughput, retrieval).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_INPUTS = ("crops", "study_index", "group", "corrupted", "corruption_mask")
+
+
+class PretrainModule(nn.Module):
+    """``objective(**model(**inputs))``: one module, so DDP syncs the model and the learnable
+    temperatures together. Tokenisation happens here, on the training process."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = batch["crops"].device
+        tokens = {k: v.to(device) for k, v in self.model.tokenize(batch["reports"]).items()}
+        inputs = {k: batch[k] for k in _INPUTS if k in batch}
+        return self.objective(**self.model(**inputs, **tokens))
+
+
+def timed(iterable: Iterable[Any], waits: list[float]) -> Iterator[Any]:
+    """Yield from ``iterable``, adding the time spent waiting for each item to ``waits[0]``."""
+    import time
+
+    it = iter(iterable)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            waits[0] += time.perf_counter() - t0
+            return
+        waits[0] += time.perf_counter() - t0
+        yield item
+
+
+def chance_recall(groups: list[int], k: int) -> float:
+    """Expected Recall@K of a random ranking when every member of a query's group is a hit."""
+    m = len(groups)
+    out = 0.0
+    for g in groups:
+        r = groups.count(g)
+        miss = math.comb(m - r, k) / math.comb(m, k) if k <= m - r else 0.0
+        out += 1.0 - miss
+    return out / m
+
+
+@torch.no_grad()
+def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_config: Any,
+                    num_crops: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float] | None:
+    """Volume→report Recall@K on ``split`` (mean of ``num_crops`` crops per volume) vs chance."""
+    from t3d_data import CropDataset
+    from t3d_eval import retrieval_metrics
+
+    cfg = crop_config.model_copy(update={"num_crops": num_crops, "seed": crop_config.seed + 7})
+    ds = CropDataset(store, cfg, split=split)
+    if len(ds) < 2:
+        return None
+    was_training = model.training
+    model.eval()
+    vol, reports, groups = [], [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        vol.append(model.encode_volume_crops(item["crops"], batch_size=2).mean(0))
+        reports.append(item["report"])
+        groups.append(int(item["group"]))
+    text = torch.cat([model.encode_text(reports[i:i + 16]) for i in range(0, len(reports), 16)])
+    metrics = retrieval_metrics(torch.stack(vol), text, groups=groups, ks=ks)
+    model.train(was_training)
+    out = {"studies": len(ds)}
+    for k in ks:
+        out[f"v2r_recall@{k}"] = metrics[f"v2r_recall@{k}"]
+        out[f"chance_recall@{k}"] = chance_recall(groups, k)
+    out["v2r_median_rank"] = metrics["v2r_median_rank"]
+    return out
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss per term against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "tcl_loss", "tir_loss", "align_loss") if k in records[0]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in records]
+    for k in keys:
+        ax.plot(steps, [r[k] for r in records], label=k)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("T3D pre-training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
+                  timing: dict[str, float]) -> dict[str, Any]:
+    """Losses per term at start/end, throughput and the retrieval check; main process only."""
+    if not accelerator.is_main_process:
+        return {}
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    finite = [r for r in records if not r["skipped"]]
+    window = max(1, min(5, len(finite) // 4))
+    terms = [k for k in ("loss", "tcl_loss", "tir_loss", "align_loss") if finite and k in finite[0]]
+    start = {k: sum(r[k] for r in finite[:window]) / window for k in terms}
+    end = {k: sum(r[k] for r in finite[-window:]) / window for k in terms}
+    retrieval = None
+    if cfg.run.eval_split:
+        retrieval = retrieval_check(model, cfg.data.store, cfg.run.eval_split, cfg.data.crop,
+                                    cfg.run.eval_crops)
+    if finite:
+        plot_losses(finite, cfg.run.output_dir / "loss_curve.png")
+    steps = records[-1]["step"] if records else 0
+    summary = {"steps": steps, "skipped_steps": sum(r["skipped"] for r in records),
+               "loss_start": start, "loss_end": end, **timing,
+               "data_wait_fraction": timing["data_wait_seconds"] / max(timing["seconds"], 1e-9),
+               "retrieval": retrieval}
+    lines = [f"T3D pre-training: {steps} steps in {timing['seconds']:.0f} s "
+             f"({timing['crops_per_second']:.2f} crops/s, data wait "
+             f"{100 * summary['data_wait_fraction']:.1f}%)"]
+    for k in terms:
+        lines.append(f"  {k:<11} {start[k]:.4f} -> {end[k]:.4f}  (mean of first/last {window} steps)")
+    if retrieval:
+        lines.append(f"  retrieval on {retrieval['studies']} held-out '{cfg.run.eval_split}' studies: "
+                     + ", ".join(f"R@{k} {retrieval[f'v2r_recall@{k}']:.2f} (chance "
+                                 f"{retrieval[f'chance_recall@{k}']:.2f})" for k in (1, 5))
+                     + f", median rank {retrieval['v2r_median_rank']:.0f}")
+    lines.append(f"  run folder: {cfg.run.output_dir} (summary.json, log.jsonl, loss_curve.png, "
+                 "model/, checkpoints/)")
+    summary["text"] = "\n".join(lines)
+    return summary
