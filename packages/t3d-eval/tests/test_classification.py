@@ -79,3 +79,16 @@ def test_finetune_classifier_learns_brightness():
     probs, y = predict_classifier(model, [{"crops": crops, "labels": labels}])
     assert probs.shape == (64, 2) and model.training
     assert multilabel_auc(probs, y, ["bright", "noise"])["bright"] > 0.95
+
+
+def test_nan_labels_are_unknown():
+    # t3d_data.VolumeDataset marks missing labels with NaN.
+    labels = torch.tensor([[0.0, 1.0], [1.0, math.nan], [0.0, 0.0], [1.0, 1.0], [math.nan, 0.0]])
+    probs = torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.2, 0.2], [0.8, 0.7], [0.0, 0.3]])
+    out = multilabel_auc(probs, labels, ["a", "b"])
+    assert out["a"] == pytest.approx(roc_auc_score([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]))
+    assert out["b"] == pytest.approx(roc_auc_score([1, 0, 1, 0], [0.9, 0.2, 0.7, 0.3]))
+    xtr, ytr = toy_features(100, 0)
+    ytr = ytr.astype(float)
+    ytr[:10, 0] = np.nan
+    assert linear_probe(xtr, ytr, *toy_features(100, 1))["macro"] > 0.9

@@ -74,6 +74,7 @@ class DuckModel(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(()))
 
     def encode_volume_crops(self, crops, study_index=None):
+        assert not self.training
         return torch.stack([crops.flatten(1).mean(1), crops.flatten(1).std(1)], 1) * self.scale
 
     def encode_text(self, reports):
@@ -83,13 +84,15 @@ class DuckModel(torch.nn.Module):
 def test_embed_studies_with_a_duck_typed_model():
     samples = [
         {
-            "volume": torch.rand(1, 20, 20, 20),
+            "image": torch.rand(1, 20, 20, 20),
             "report": "a" * (i + 1),
             "labels": torch.tensor([i % 2]),
         }
         for i in range(3)
     ]
-    out = embed_studies(DuckModel(), samples, (16, 16, 16), text_batch_size=2)
+    model = DuckModel()
+    out = embed_studies(model, samples, (16, 16, 16), text_batch_size=2)
+    assert model.training  # restored
     assert out["volume_emb"].shape == (3, 2) and out["report_emb"].shape == (3, 2)
     assert out["report_emb"][:, 0].tolist() == [1.0, 2.0, 3.0]
     assert out["labels"].shape == (3, 1)

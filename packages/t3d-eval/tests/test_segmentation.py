@@ -85,10 +85,12 @@ def test_padded_studies_are_cropped_back():
     padded = {
         # Padding region predicted as class 1 but labelled 0: counts only if not cropped back.
         "image": torch.nn.functional.pad(study["image"], (0, 7, 0, 3, 0, 11), value=0.1),
-        "label": torch.nn.functional.pad(study["label"], (0, 7, 0, 3, 0, 11), value=0),
+        "mask": torch.nn.functional.pad(study["label"], (0, 7, 0, 3, 0, 11), value=0),
         "original_shape": shape,
     }
-    out = evaluate_segmentation(Oracle(), [padded], roi_size=(16, 16, 16), num_classes=NUM_CLASSES)
+    out = evaluate_segmentation(
+        Oracle(), [padded], roi_size=(16, 16, 16), num_classes=NUM_CLASSES, label_key="mask"
+    )
     ref = naive_dice([pred], [label])
     assert [out["class_1"], out["class_2"]] == pytest.approx(ref, abs=1e-5)
 
@@ -159,12 +161,26 @@ def test_swinunetr_fine_tunes_and_evaluates():
         depths=(1, 1, 1, 1),
         num_heads=(1, 1, 1, 1),
     )
-    studies = sphere_studies(1, size=64)
+    # 32 x 32 x 64: every axis a multiple of 32, bottleneck 1 x 1 x 2 (instance norm needs > 1).
+    grid = np.stack(np.meshgrid(np.arange(32), np.arange(32), np.arange(64), indexing="ij"))
+    label = (((grid - np.array([16, 16, 32])[:, None, None, None]) ** 2).sum(0) < 36).astype(int)
+    studies = [
+        {
+            "image": torch.from_numpy(0.3 + 0.4 * label).float()[None],
+            "label": torch.from_numpy(label)[None],
+        }
+    ]
     losses = finetune_segmentation(
-        net, studies, roi_size=64, num_classes=2, steps=1, batch_size=1, samples_per_volume=1
+        net,
+        studies,
+        roi_size=(32, 32, 64),
+        num_classes=2,
+        steps=1,
+        batch_size=1,
+        samples_per_volume=2,
     )
     assert len(losses) == 1 and math.isfinite(losses[0])
-    out = evaluate_segmentation(net, studies, roi_size=64, num_classes=2)
+    out = evaluate_segmentation(net, studies, roi_size=(32, 32, 64), num_classes=2)
     assert 0.0 <= out["class_1"] <= 1.0
 
 

@@ -76,3 +76,19 @@ def test_malformed_prompts_are_rejected():
         )
     with pytest.raises(ValueError, match="mode"):
         zero_shot_scores(torch.randn(2, 6), fake_text_encoder, PROMPTS, mode="argmax")
+
+
+def test_accepts_the_phantom_prompt_table():
+    phantom = pytest.importorskip("t3d_data.phantom")
+    prompts = phantom.ZERO_SHOT_PROMPTS
+    vocab: dict[str, int] = {}
+
+    def bag_of_words(texts: list[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), 256)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, vocab.setdefault(w, len(vocab)) % 256] += 1
+        return out
+
+    scores = zero_shot_scores(torch.randn(4, 256), bag_of_words, prompts)
+    assert scores.shape == (4, len(prompts)) and torch.isfinite(scores).all()

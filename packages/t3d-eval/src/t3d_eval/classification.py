@@ -61,7 +61,7 @@ def multilabel_auc(
 
     Args:
         probs: ``(M, F)`` scores (probabilities, logits or any monotonic score).
-        labels: ``(M, F)`` binary labels (0/1).
+        labels: ``(M, F)`` binary labels (0/1); NaN means unknown and is ignored.
         finding_names: ``F`` names (default ``finding_0..``).
         ignore_index: label value meaning "unknown", excluded from the AUC.
         skip: finding names to report as NaN regardless (e.g. untrainable in a probe).
@@ -78,7 +78,12 @@ def multilabel_auc(
         1.0
     """
     p = _as_2d("probs", probs).float()
-    y = _as_2d("labels", labels).long()
+    y = _as_2d("labels", labels)
+    if y.is_floating_point() and torch.isnan(y).any():
+        # Missing labels (t3d_data.VolumeDataset uses NaN) are ignored.
+        ignore_index = -1 if ignore_index is None else ignore_index
+        y = torch.nan_to_num(y, nan=float(ignore_index))
+    y = y.long()
     if p.shape != y.shape:
         raise ValueError(f"probs {tuple(p.shape)} and labels {tuple(y.shape)} differ")
     names = _names(finding_names, p.shape[1])
@@ -115,9 +120,9 @@ def linear_probe(
 
     Args:
         train_feats: ``(M_train, C)`` features.
-        train_labels: ``(M_train, F)`` binary labels.
+        train_labels: ``(M_train, F)`` binary labels; NaN (unknown) rows are left out per finding.
         test_feats: ``(M_test, C)`` features.
-        test_labels: ``(M_test, F)`` binary labels.
+        test_labels: ``(M_test, F)`` binary labels; NaN is ignored in the AUC.
         finding_names: ``F`` names.
         C: inverse L2 regularisation strength.
         max_iter: solver iterations.
@@ -136,8 +141,8 @@ def linear_probe(
 
     xtr = _as_2d("train_feats", train_feats).double().numpy()
     xte = _as_2d("test_feats", test_feats).double().numpy()
-    ytr = _as_2d("train_labels", train_labels).long().numpy()
-    yte = _as_2d("test_labels", test_labels).long()
+    ytr = _as_2d("train_labels", train_labels).double().numpy()
+    yte = _as_2d("test_labels", test_labels)
     if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
         raise ValueError(
             f"features/labels rows differ: train {xtr.shape[0]}/{ytr.shape[0]}, "
@@ -151,13 +156,14 @@ def linear_probe(
     probs = np.full(yte.shape, 0.5)
     untrainable = []
     for j, name in enumerate(names):
-        if len(np.unique(ytr[:, j])) < 2:
+        known = ~np.isnan(ytr[:, j])
+        if len(np.unique(ytr[known, j])) < 2:
             untrainable.append(name)
             continue
         clf = make_pipeline(
             StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
         )
-        clf.fit(xtr, ytr[:, j])
+        clf.fit(xtr[known], ytr[known, j].astype(int))
         probs[:, j] = clf.predict_proba(xte)[:, 1]
     return multilabel_auc(torch.from_numpy(probs), yte, names, skip=untrainable)
 

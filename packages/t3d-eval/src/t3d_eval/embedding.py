@@ -229,9 +229,9 @@ def embed_studies(
     overlap: float = 0.25,
     num_crops: int = 8,
     seed: int = 0,
-    volume_key: str = "volume",
+    volume_key: str = "image",
     report_key: str = "report",
-    extra_keys: Sequence[str] = ("labels", "group"),
+    extra_keys: Sequence[str] = ("labels", "group", "study_id"),
     text_batch_size: int = 32,
 ) -> dict[str, Any]:
     """Embed every study of a dataset: volumes (crop mean) and reports, one row per study.
@@ -239,7 +239,8 @@ def embed_studies(
     Args:
         model: anything with ``encode_volume_crops`` and ``encode_text`` (:class:`EncoderModel`).
         samples: dicts with a ``(1, X, Y, Z)`` volume and a report string (e.g. a
-            ``t3d_data.VolumeDataset``); the key names are arguments.
+            ``t3d_data.VolumeDataset``: ``"image"``, ``"report"``, ``"labels"``); the key names
+            are arguments. The model is put in eval mode for the duration.
         crop_size: ``(D, H, W)`` the encoder was trained on.
         mode: ``"sliding"`` (:func:`volume_embedding_sliding`) or ``"random"``
             (:func:`volume_embedding_from_crops`, ``num_crops`` crops, seeded by ``seed``).
@@ -264,26 +265,34 @@ def embed_studies(
     rng = np.random.default_rng(seed)
     vols, reports = [], []
     extras: dict[str, list[Any]] = {k: [] for k in extra_keys}
-    for sample in samples:
-        volume = torch.as_tensor(sample[volume_key]).float()
-        if mode == "sliding":
-            vols.append(volume_embedding_sliding(enc, volume, crop_size, overlap))
-        else:
-            vols.append(volume_embedding_from_crops(enc, volume, crop_size, num_crops, rng))
-        reports.append(str(sample[report_key]))
-        for k in extra_keys:
-            if k in sample:
-                extras[k].append(sample[k])
-    if not vols:
-        raise ValueError("samples is empty")
-    out: dict[str, Any] = {
-        "volume_emb": torch.stack(vols),
-        "report_emb": torch.cat(
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()  # type: ignore[attr-defined]  # dropout/norm layers in eval mode
+    try:
+        for sample in samples:
+            volume = torch.as_tensor(sample[volume_key]).float()
+            if mode == "sliding":
+                vols.append(volume_embedding_sliding(enc, volume, crop_size, overlap))
+            else:
+                vols.append(volume_embedding_from_crops(enc, volume, crop_size, num_crops, rng))
+            reports.append(str(sample[report_key]))
+            for k in extra_keys:
+                if k in sample:
+                    extras[k].append(sample[k])
+        if not vols:
+            raise ValueError("samples is empty")
+        report_emb = torch.cat(
             [
                 text_enc(reports[i : i + text_batch_size])
                 for i in range(0, len(reports), text_batch_size)
             ]
-        ),
+        )
+    finally:
+        if was_training:
+            model.train()  # type: ignore[attr-defined]
+    out: dict[str, Any] = {
+        "volume_emb": torch.stack(vols),
+        "report_emb": report_emb,
         "reports": reports,
     }
     for k, values in extras.items():

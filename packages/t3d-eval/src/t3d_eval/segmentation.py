@@ -17,6 +17,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
+from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
 from t3d_eval.embedding import AIR_VALUE
@@ -66,18 +67,27 @@ def _roi(roi_size: Sequence[int] | int) -> tuple[int, int, int]:
     return roi  # type: ignore[return-value]
 
 
-def _check_study(i: int, study: dict[str, Any]) -> None:
-    for key in ("image", "label"):
+def _check_study(
+    i: int, study: dict[str, Any], image_key: str = "image", label_key: str = "label"
+) -> tuple[Tensor, Tensor]:
+    """Return ``(image float, label long)``, both ``(1, X, Y, Z)``, or raise naming the study."""
+    for key in (image_key, label_key):
         if key not in study:
-            raise ValueError(f"study {i}: missing key {key!r} (need 'image' and 'label')")
+            raise ValueError(
+                f"study {i}: missing key {key!r} (need {image_key!r} and {label_key!r}); "
+                f"has {sorted(study)}"
+            )
         shape = tuple(study[key].shape)
         if len(shape) != 4 or shape[0] != 1:
             raise ValueError(f"study {i}: {key!r} must have shape (1, X, Y, Z); got {shape}")
-    if tuple(study["image"].shape) != tuple(study["label"].shape):
+    image = torch.as_tensor(study[image_key]).float()
+    label = torch.as_tensor(study[label_key]).long()
+    if image.shape != label.shape:
         raise ValueError(
-            f"study {i}: image {tuple(study['image'].shape)} and label "
-            f"{tuple(study['label'].shape)} differ"
+            f"study {i}: {image_key!r} {tuple(image.shape)} and {label_key!r} "
+            f"{tuple(label.shape)} differ"
         )
+    return image, label
 
 
 def _logits(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
@@ -107,6 +117,8 @@ def finetune_segmentation(
     samples_per_volume: int = 2,
     pos_neg: tuple[float, float] = (1.0, 1.0),
     device: str | torch.device | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
 ) -> list[float]:
     """Fine-tune a segmentation network on random ROI crops with Dice + cross-entropy.
 
@@ -131,6 +143,8 @@ def finetune_segmentation(
         samples_per_volume: crops per study per step.
         pos_neg: relative weights of foreground- and background-centred crops.
         device: where to train (default: the model's device).
+        image_key: study key of the image.
+        label_key: study key of the label map (``"mask"`` for ``t3d_data.VolumeDataset``).
 
     Returns:
         The loss of every step.
@@ -147,8 +161,7 @@ def finetune_segmentation(
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background included); got {num_classes}")
     studies = label_fraction_subset(list(train_data), label_fraction, seed)
-    for i, s in enumerate(studies):
-        _check_study(i, s)
+    checked = [_check_study(i, s, image_key, label_key) for i, s in enumerate(studies)]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch.device(device) if device is not None else _device_of(model)
@@ -171,15 +184,7 @@ def finetune_segmentation(
         bg_indices_key="label_bg",
     )
     crop.set_random_state(seed=seed)
-    prepared = [
-        prepare(
-            {
-                "image": torch.as_tensor(s["image"]).float(),
-                "label": torch.as_tensor(s["label"]).long(),
-            }
-        )
-        for s in studies
-    ]
+    prepared = [prepare({"image": image, "label": label}) for image, label in checked]
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -189,8 +194,9 @@ def finetune_segmentation(
         images, labels = [], []
         for idx in rng.integers(0, len(prepared), size=batch_size):
             for sample in crop(prepared[int(idx)]):
-                images.append(torch.as_tensor(sample["image"]))
-                labels.append(torch.as_tensor(sample["label"]))
+                # Plain tensors: MetaTensor's __torch_function__ slows every op of the network.
+                images.append(convert_to_tensor(sample["image"], track_meta=False))
+                labels.append(convert_to_tensor(sample["label"], track_meta=False))
         x = torch.stack(images).to(device)
         y = torch.stack(labels).to(device)
         loss = loss_fn(_logits(model, x), y)
@@ -245,7 +251,7 @@ def predict_segmentation(
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
-    pred = torch.as_tensor(logits).argmax(dim=1)[0].cpu()
+    pred = convert_to_tensor(logits, track_meta=False).argmax(dim=1)[0].cpu()
     if tuple(pred.shape) != tuple(x.shape[1:]):
         raise RuntimeError(f"prediction {tuple(pred.shape)} not on input grid {tuple(x.shape[1:])}")
     return pred
@@ -261,6 +267,8 @@ def evaluate_segmentation(
     sw_batch_size: int = 4,
     overlap: float = 0.25,
     device: str | torch.device | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
 ) -> dict[str, float]:
     """Dice per foreground class on whole volumes, on the original voxel grid.
 
@@ -279,6 +287,8 @@ def evaluate_segmentation(
         sw_batch_size: windows per forward pass.
         overlap: window overlap.
         device: where the model runs.
+        image_key: study key of the image.
+        label_key: study key of the label map (``"mask"`` for ``t3d_data.VolumeDataset``).
 
     Returns:
         ``{class_name: dice, ..., "mean": mean over classes with a Dice}``.
@@ -298,16 +308,16 @@ def evaluate_segmentation(
     metric = DiceMetric(include_background=False, reduction="mean_batch")
     count = 0
     for i, study in enumerate(volumes):
-        _check_study(i, study)
+        image, label = _check_study(i, study, image_key, label_key)
         pred = predict_segmentation(
             model,
-            study["image"],
+            image,
             roi_size,
             sw_batch_size=sw_batch_size,
             overlap=overlap,
             device=device,
         )
-        label = torch.as_tensor(study["label"])[0].long().cpu()
+        label = label[0]
         if "original_shape" in study:
             ox, oy, oz = (int(s) for s in study["original_shape"])
             pred, label = pred[:ox, :oy, :oz], label[:ox, :oy, :oz]
