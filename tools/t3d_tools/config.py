@@ -51,7 +51,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the preset files for valid keys)"
         lines.append(f"{source}: field '{loc}': {msg}")

@@ -1,0 +1,148 @@
+"""Integration tests of tools/pretrain.py, run as a subprocess as a user would.
+
+Small on purpose (tiny preset, 64^3 crops, 2 studies x 2 crops per step, a few steps): they
+check behaviour (resume bit-exactness, 2-process equivalence, NaN skips, config errors), not
+learning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "tools" / "pretrain.py"
+SMALL = [
+    "--set", "data.batch_size=2", "--set", "data.num_workers=0", "--set", "data.crop.num_crops=2",
+    "--set", "optim.warmup_steps=1", "--set", "run.eval_crops=1", "--set", "run.tensorboard=false",
+]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               T3D_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    return env
+
+
+def _run(args: list[str], tmp_path: Path, timeout: float = 420, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PRETRAIN), *args], cwd=ROOT, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A small prepared phantom store shared by this module's tests."""
+    from t3d_data import prepare
+    from t3d_data.phantom import generate_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    manifest = generate_phantom_dataset(root / "raw", n_studies=10, seed=3, progress=False)
+    prepare(manifest, root / "store", progress=False)
+    return root / "store"
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    res = _run(["--config", "tools/configs/pretrain/t3d-base.yaml", "--set", "optim.lrr=1"], tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: tools/configs/pretrain/t3d-base.yaml: field 'optim.lrr': unknown key "
+        "(check the spelling; see the preset files for valid keys)"]
+    res = _run(["--config", "tools/configs/pretrain/t3d-base.yaml",
+                "--set", "data.crop.crop_size=[80,96,96]"], tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    assert "must be a multiple of 32" in lines[0] and "got 80 in dim 0" in lines[0]
+    res = _run(["--set", "data.store=/nonexistent/store"], tmp_path)
+    assert res.returncode == 2 and "not a prepared store" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resume_after_sigkill_is_bit_exact(store, tmp_path):
+    common = [*SMALL, "--set", f"data.store={store}", "--set", "optim.max_steps=4",
+              "--set", "run.checkpoint_every=2", "--set", "run.eval_split=null"]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref = _run([*common, "--set", f"run.output_dir={ref_dir}"], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "T3D pre-training: 4 steps" in ref.stdout
+    for key in ("loss", "tcl_loss", "tir_loss", "align_loss"):
+        assert all(map(lambda r: r[key] == r[key], _log(ref_dir)))  # finite, logged per term
+    assert (ref_dir / "loss_curve.png").stat().st_size > 1000
+
+    # Same run, killed with SIGKILL right after the (mid-epoch) step-2 checkpoint lands.
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *common, "--set", f"run.output_dir={cut_dir}"],
+                            cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = cut_dir / "checkpoints" / "step-00000002" / "COMPLETE"
+    deadline = time.time() + 400
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never wrote its step-2 checkpoint"
+    state = json.loads((marker.parent / "trainer_state.json").read_text())["state"]
+    assert state["batch_in_epoch"] != 0, "the checkpoint should be mid-epoch for this test"
+    assert not (cut_dir / "model").exists(), "killed too late: the run had already finished"
+
+    res = _run([*common, "--set", f"run.output_dir={cut_dir}", "--resume", "latest"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(ref_dir / "model" / "model.safetensors")
+    b = load_file(cut_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "resumed weights differ from the uninterrupted run"
+    losses = {r["step"]: r["loss"] for r in _log(cut_dir)}
+    assert [losses[s] for s in (3, 4)] == [r["loss"] for r in _log(ref_dir)][2:]
+
+
+def test_nan_steps_are_skipped_then_stop(store, tmp_path):
+    common = [*SMALL, "--set", f"data.store={store}", "--set", "run.eval_split=null",
+              "--set", "run.checkpoint_every=100"]
+    res = _run([*common, "--set", "optim.max_steps=3", "--set", "run.debug_nan_steps=[1]",
+                "--set", f"run.output_dir={tmp_path / 'a'}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = _log(tmp_path / "a")
+    assert [r["skipped"] for r in log] == [False, True, False]
+    assert "step 2 skipped: non-finite loss" in res.stderr
+    weights = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    assert all(v.isfinite().all() for v in weights.values())
+
+    res = _run([*common, "--set", "optim.max_steps=5", "--set", "run.debug_nan_steps=[0,1,2]",
+                "--set", "run.max_consecutive_skips=2", "--set", f"run.output_dir={tmp_path / 'b'}"],
+               tmp_path)
+    assert res.returncode != 0
+    assert "2 consecutive steps had non-finite loss" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not list((tmp_path / "b").glob("checkpoints/step-*")), "no NaN may reach a checkpoint"
+
+
+def test_two_processes_match_one(store, tmp_path):
+    common = [*SMALL, "--set", f"data.store={store}", "--set", "optim.max_steps=2",
+              "--set", "run.eval_split=null", "--set", "objective.gather_distributed=true",
+              "--set", "run.checkpoint_every=100"]
+    one = _run([*common, "--set", "data.batch_size=4", "--set", f"run.output_dir={tmp_path / 'one'}"],
+               tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = _env(tmp_path)
+    env["OMP_NUM_THREADS"] = "1"
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "tools" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29561",
+         str(PRETRAIN), *common, "--set", "data.batch_size=2", "--set", f"run.output_dir={tmp_path / 'two'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "tcl_loss", "tir_loss", "align_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (key, ra, rb)
