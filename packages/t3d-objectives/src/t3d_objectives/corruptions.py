@@ -203,22 +203,25 @@ class CropCorruption(nn.Module):
                 axis_bits.append((inside.long() * weights[:, None]).sum(1))  # (n, size)
             bd, bh, bw = axis_bits
             bits = bd[:, :, None, None] & bh[:, None, :, None] & bw[:, None, None, :]
-            low = bits & -bits
-            index = torch.log2(low.clamp_min(1).double()).round().int() + words * _BITS
-            first = torch.where((first == never) & (bits != 0), index, first)
+            low = bits & -bits  # lowest set bit = first block of this word covering the voxel
+            # exponent of the (exact) float32 power of two: 127 + bit index, 0 when uncovered
+            exponent = low.float().view(torch.int32) >> 23
+            index = exponent + (words * _BITS - 127)
+            index.masked_fill_(exponent == 0, never)
+            torch.minimum(first, index, out=first)  # earlier words keep their smaller indices
             words += 1
             covered = (first != never).flatten(1).sum(1).double() / voxels
             if words >= 64 or bool((covered >= target).all()):
                 break
         total = words * _BITS
-        flat = first.flatten(1).long().clamp_max(total)
-        rows = torch.arange(n, device=device)[:, None] * (total + 1)
+        flat = first.flatten(1).clamp_max(total)
+        rows = torch.arange(n, device=device, dtype=torch.int32)[:, None] * (total + 1)
         hist = torch.bincount((flat + rows).flatten(), minlength=n * (total + 1)).view(n, total + 1)
         cov = torch.cat([hist.new_zeros(n, 1), hist[:, :total].cumsum(1)], 1).double() / voxels
         k = (cov < target[:, None]).sum(1).clamp_max(total)  # smallest k with cov(k) >= f
         over = cov.gather(1, k[:, None])[:, 0] > self.drop_fraction[1] + 1e-12
         k = torch.where(over, k - 1, k)
-        return first.long() < k.view(n, 1, 1, 1)
+        return first < k.view(n, 1, 1, 1)
 
     # -- shuffle -------------------------------------------------------------------------------
     def _shuffle(self, corrupted, mask, idx, fractions, s, g_cpu, g_dev) -> None:
