@@ -54,6 +54,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="build the text model from its config only (timing is weight-independent;"
                         " lets a folder with config + tokenizer but no weights stand in)")
     p.add_argument("--report-words", type=int, default=200, help="words per synthetic report")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU; default: torch's choice)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
     p.add_argument("--json", default=None, help="write all results here")
     return p.parse_args(argv)
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda but CUDA is not available", file=sys.stderr)
         return 2
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16": args.bf16,
         "crops_per_step": args.crops_per_step,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
     }
     print(_table(rows))
     text_models = sorted({r["text_model"] for r in rows if r.get("text_model")})

@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# 2 shared cores: more intra-op threads than free cores made the steps several times slower
+torch.set_num_threads(int(os.environ.get("T3D_TEST_THREADS", "1")))
+
 REPORTS = [
     "No acute findings. Lungs are clear.",
     "Spiculated nodule of 12 mm in the right upper lobe, suspicious for malignancy.",

@@ -22,8 +22,8 @@ from .vision import SwinUNETRBackbone
 __all__ = ["T3DModel"]
 
 
-def _study_mean(emb: torch.Tensor, study_index: torch.Tensor, num_studies: int) -> torch.Tensor:
-    """Mean of ``emb`` ``(N, E)`` per study -> ``(B, E)``; every study must have a crop."""
+def _check_study_index(study_index: torch.Tensor, num_studies: int) -> None:
+    """Every study 0..B-1 must have a crop and no index may exceed B-1 (reads the values)."""
     counts = torch.bincount(study_index, minlength=num_studies)
     if counts.numel() > num_studies:
         raise ValueError(
@@ -32,8 +32,14 @@ def _study_mean(emb: torch.Tensor, study_index: torch.Tensor, num_studies: int) 
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"studies {empty} have no crops in study_index")
+
+
+def _study_mean(emb: torch.Tensor, study_index: torch.Tensor, num_studies: int) -> torch.Tensor:
+    """Mean of ``emb`` ``(N, E)`` per study -> ``(B, E)`` (no host-device synchronisation)."""
+    ones = torch.ones_like(study_index, dtype=emb.dtype)
+    counts = emb.new_zeros(num_studies).index_add(0, study_index, ones)
     total = emb.new_zeros(num_studies, emb.shape[1]).index_add(0, study_index, emb)
-    return total / counts.to(emb.dtype).unsqueeze(1)
+    return total / counts.clamp_min(1).unsqueeze(1)
 
 
 class T3DModel(nn.Module):
@@ -144,6 +150,8 @@ class T3DModel(nn.Module):
             raise ValueError(
                 f"corrupted {tuple(corrupted.shape)} must match crops {tuple(crops.shape)}"
             )
+        if study_index.device.type == "cpu":  # on an accelerator this would force a sync
+            _check_study_index(study_index, b)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -177,8 +185,9 @@ class T3DModel(nn.Module):
             ``restored``, ``target`` (= ``crops``), ``corruption_mask`` ``(N, 1, D, H, W)``.
 
         Raises:
-            ValueError: inconsistent shapes, a study without crops, or a crop size that is not a
-                multiple of 32 (naming the dimension).
+            ValueError: inconsistent shapes, a study without crops (checked for CPU
+                ``study_index`` only: reading its values on a GPU would stall the step), or a
+                crop size that is not a multiple of 32 (naming the dimension).
         """
         self._check_inputs(crops, study_index, group, input_ids, corrupted)
         if corrupted is not None and not self.config.restoration:
@@ -238,8 +247,9 @@ class T3DModel(nn.Module):
         emb = torch.cat(embs)
         if study_index is None:
             return emb
-        study_index = study_index.to(emb.device)
-        return _study_mean(emb, study_index, int(study_index.max()) + 1)
+        num_studies = int(study_index.max()) + 1
+        _check_study_index(study_index.cpu(), num_studies)
+        return _study_mean(emb, study_index.to(emb.device), num_studies)
 
     def encode_text(self, reports: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
         """Report embeddings ``proj_t(masked_mean(T))`` ``(B, E)`` from text or tokens."""
