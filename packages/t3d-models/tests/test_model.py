@@ -132,3 +132,8 @@ def test_train_step_gives_grads_everywhere(tiny_model, tiny_batch):
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
+
+
+def test_base_preset_offline_fails_fast_with_fix():
+    with pytest.raises(OSError, match=r"StanfordAIMI/RadBERT.*t3d-models\[minilm\]"):
+        T3DModel.from_preset("t3d-base")

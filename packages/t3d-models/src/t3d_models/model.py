@@ -63,6 +63,14 @@ class T3DModel(nn.Module):
         super().__init__()
         self.config = config
         vc, tc, ic = config.vision, config.text, config.interactor
+        # text first: a missing text model fails before the (slower) vision build
+        self.text = HFTextEncoder(
+            model_name_or_path=text_source if text_source is not None else tc.model_name_or_path,
+            max_length=tc.max_length,
+            freeze=tc.freeze,
+            freeze_layers=tc.freeze_layers,
+            pretrained=tc.pretrained and text_source is None,
+        )
         self.vision = SwinUNETRBackbone(
             feature_size=vc.feature_size,
             window_size=vc.window_size,
@@ -74,13 +82,6 @@ class T3DModel(nn.Module):
             norm_name=vc.norm_name,
             token_stage=vc.token_stage,
             restoration=config.restoration,
-        )
-        self.text = HFTextEncoder(
-            model_name_or_path=text_source if text_source is not None else tc.model_name_or_path,
-            max_length=tc.max_length,
-            freeze=tc.freeze,
-            freeze_layers=tc.freeze_layers,
-            pretrained=tc.pretrained and text_source is None,
         )
         cv = self.vision.token_channels
         self.interactor = Interactor(
