@@ -41,12 +41,13 @@ ZONES = ("lower", "middle", "upper")
 GRADES = ("small", "moderate", "large")
 EFFUSION_SIDES = ("right", "left", "bilateral")
 #: (depth fraction of the lung's AP extent, height fraction of the lung height) per grade.
-EFFUSION_FRACTIONS = {"small": (0.35, 0.3), "moderate": (0.5, 0.45), "large": (0.68, 0.62)}
+EFFUSION_FRACTIONS = {"small": (0.32, 0.28), "moderate": (0.52, 0.46), "large": (0.7, 0.64)}
 #: Nodule centres are drawn well inside their zone (fraction of lung height above the base).
 _ZONE_BANDS = {"lower": (0.08, 0.28), "middle": (0.4, 0.6), "upper": (0.7, 0.86)}
 #: Liver lobes by the lesion centre's fraction of the liver's width from its LEFT edge (min x).
 _LOBE_BANDS = {"left": (0.1, 0.28), "right": (0.45, 0.85)}
-SIZE_RANGES = {"lung_nodule": (8, 25), "liver_lesion": (10, 36), "kidney_cyst": (10, 24)}
+#: Diameter ranges (mm); lesions stay >= ~4 voxels across at the default spacing.
+SIZE_RANGES = {"lung_nodule": (8, 25), "liver_lesion": (12, 36), "kidney_cyst": (14, 26)}
 P_NORMAL, P_FINDING = 0.2, 0.4
 
 
@@ -76,7 +77,7 @@ def sample_attributes(finding: str, rng: np.random.Generator) -> dict[str, Any]:
     if finding == "liver_lesion":
         lobe = "right" if u[1] < 0.65 else "left"
         if lobe == "left":
-            size = int(lo + u[2] * 11)  # the left lobe is thinner: 10-20 mm
+            size = int(lo + u[2] * 11)  # the left lobe is thinner: 12-22 mm
         return {"present": True, "kind": "cyst" if u[0] < 0.5 else "hyperdense", "lobe": lobe,
                 "size_mm": size}
     if finding == "kidney_cyst":
@@ -143,20 +144,20 @@ def _paint_sphere(cv: Canvas, voxel: np.ndarray, diameter_mm: float, hu: float, 
     cv.paint(*cv.ellipsoid(c, (r, r, r)), hu, label)
 
 
-def _lesion(cv: Canvas, an: Anatomy, attrs: dict[str, Any], organ: int, mask: np.ndarray,
-            hu: float, label: int, margin_mm: float, rng: np.random.Generator) -> dict[str, Any]:
+def _lesion(cv: Canvas, an: Anatomy, finding: str, attrs: dict[str, Any], organ: int,
+            mask: np.ndarray, hu: float, margin_mm: float, rng: np.random.Generator) -> dict[str, Any]:
     """Place and paint a spherical lesion inside ``organ`` voxels of ``mask``; shrink if needed."""
     sp = an.grid.spacing
     cand = np.argwhere(mask)
-    size = float(attrs["size_mm"])
+    size, floor = float(attrs["size_mm"]), float(SIZE_RANGES[finding][0])
     for _ in range(6):
         vox = _place_ball(cv.lab, organ, cand, size / 2 + margin_mm, sp, rng)
         if vox is not None:
-            _paint_sphere(cv, vox, size, hu, label, rng)
+            _paint_sphere(cv, vox, size, hu, LESION_LABELS[finding], rng)
             return {**attrs, "size_mm": int(size)}
-        if size <= 8.0:
+        if size <= floor:
             break
-        size = max(8.0, round(size * 0.85))
+        size = max(floor, round(size * 0.85))
     return {"present": False}
 
 
@@ -164,8 +165,8 @@ def render_lesions(cv: Canvas, an: Anatomy, findings: dict[str, dict[str, Any]],
                    rng: np.random.Generator) -> dict[str, dict[str, Any]]:
     """Paint nodule, liver lesion and kidney cyst; returns the findings as rendered.
 
-    A lesion that cannot be placed at its size shrinks (to >= 6 mm), and is dropped (absent)
-    only if even that fails, so the returned attributes always describe the volume.
+    A lesion that cannot be placed at its size shrinks (not below its size range), and is dropped
+    (absent) only if even that fails, so the returned attributes always describe the volume.
 
     Args:
         cv: canvas with the anatomy (and effusion) already painted.
@@ -184,8 +185,8 @@ def render_lesions(cv: Canvas, an: Anatomy, findings: dict[str, dict[str, Any]],
         zf = (cv.ax[2] - an.z0) / an.H
         organ = ORGAN_LABELS[f"lung_{f['side']}"]
         mask = (cv.lab == organ) & ((zf >= lo) & (zf <= hi))[None, None, :]
-        out["lung_nodule"] = _lesion(cv, an, f, organ, mask, float(rng.uniform(25, 45)),
-                                     LESION_LABELS["lung_nodule"], margin, rng)
+        out["lung_nodule"] = _lesion(cv, an, "lung_nodule", f, organ, mask,
+                                     float(rng.uniform(25, 45)), margin, rng)
     f = out["liver_lesion"]
     if f["present"]:
         organ = ORGAN_LABELS["liver"]
@@ -195,14 +196,14 @@ def render_lesions(cv: Canvas, an: Anatomy, findings: dict[str, dict[str, Any]],
         frac = (cv.ax[0] - x0) / max(x1 - x0, 1e-6)
         lo, hi = _LOBE_BANDS[f["lobe"]]
         mask = liver & ((frac >= lo) & (frac <= hi))[:, None, None]
-        hu = float(rng.uniform(0, 10) if f["kind"] == "cyst" else rng.uniform(110, 130))
-        out["liver_lesion"] = _lesion(cv, an, f, organ, mask, hu, LESION_LABELS["liver_lesion"],
+        hu = float(rng.uniform(0, 10) if f["kind"] == "cyst" else rng.uniform(120, 140))
+        out["liver_lesion"] = _lesion(cv, an, "liver_lesion", f, organ, mask, hu,
                                       max(8.0, 2.5 * cv.h), rng)
     f = out["kidney_cyst"]
     if f["present"]:
         organ = ORGAN_LABELS[f"kidney_{f['side']}"]
-        out["kidney_cyst"] = _lesion(cv, an, f, organ, cv.lab == organ, float(rng.uniform(0, 6)),
-                                     LESION_LABELS["kidney_cyst"], max(4.0, 2.0 * cv.h), rng)
+        out["kidney_cyst"] = _lesion(cv, an, "kidney_cyst", f, organ, cv.lab == organ,
+                                     float(rng.uniform(0, 6)), max(4.0, 2.0 * cv.h), rng)
     return out
 
 
