@@ -7,6 +7,7 @@ against what the report states or negates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from functools import cache
@@ -283,6 +284,23 @@ def test_honesty_report_matches_volume(seed):
     assert (m["spleen_cm"] > 12.0) == f["splenomegaly"]["present"], m["spleen_cm"]
     if f["splenomegaly"]["present"]:
         assert f"{m['spleen_cm']:.1f} cm" in s.report or "spleen." in s.report.lower()
+
+
+def test_sides_come_from_the_affine_not_the_array_order():
+    """Flipping the x axis (an LAS-stored copy) leaves every measured side unchanged."""
+    s = next(_study(k) for k in HONESTY_SEEDS
+             if _study(k).findings["lung_nodule"]["present"] and _study(k).findings["liver_lesion"]["present"])
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = s.volume.shape[0] - 1
+    las = dataclasses.replace(s, volume=s.volume[::-1].copy(), label_map=s.label_map[::-1].copy(),
+                              affine=s.affine @ flip)
+    assert nib.aff2axcodes(las.affine) == ("L", "A", "S")
+    a, b = _measure(s), _measure(las)
+    for side in ("right", "left"):
+        assert [n["side"] for n in a["lungs"][side]["nodules"]] == [n["side"] for n in b["lungs"][side]["nodules"]]
+    assert [x["side"] for x in a["liver"]] == [x["side"] for x in b["liver"]]
+    assert np.allclose([x["x_frac"] for x in a["liver"]], [x["x_frac"] for x in b["liver"]], atol=0.02)
+    assert a["lungs"]["right"]["nodules"] or a["lungs"]["left"]["nodules"]
 
 
 def test_honesty_batch_covers_every_finding():

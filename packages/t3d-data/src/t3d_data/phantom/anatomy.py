@@ -12,12 +12,21 @@ viewer's left) is only a viewing convention and plays no part here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LESION_LABELS", "ORGAN_LABELS", "Anatomy", "Canvas", "Grid", "sample_anatomy", "sample_grid"]
+__all__ = [
+    "LESION_LABELS",
+    "ORGAN_LABELS",
+    "Anatomy",
+    "Canvas",
+    "Grid",
+    "render_anatomy",
+    "sample_anatomy",
+    "sample_grid",
+]
 
 #: Organ label values of the label map (0 = outside the body). Lesions use LESION_LABELS.
 ORGAN_LABELS: dict[str, int] = {
@@ -43,6 +52,9 @@ LESION_LABELS: dict[str, int] = {
 }
 
 SIDES = ("right", "left")
+Box = tuple[slice, slice, slice]
+#: ``(box, membership)`` of a shape; both ``None`` when it misses the grid.
+Shape = tuple[Box | None, np.ndarray | None]
 SIDE_SIGN = {"right": 1.0, "left": -1.0}  # RAS+: patient right = +x
 
 
@@ -249,7 +261,7 @@ def sample_anatomy(
         liver_center=liver_c, liver_semi=liver_semi, liver_hu=liver_hu,
         spleen_center=spl_c, spleen_semi=spl_semi, kidneys=kidneys, spine=spine, aorta=aorta,
         ribs=ribs, noise_sigma=10.0 + 10.0 * u[53],
-        extra={"ctr": ctr, "texture_seed": int(u[54] * 2**31)},
+        extra={"ctr": ctr},
     )
 
 
@@ -270,7 +282,7 @@ class Canvas:
         ]
         self.h = float(np.cbrt(np.prod(g.spacing)))
 
-    def box(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[slice, slice, slice] | None:
+    def box(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> Box | None:
         """Index box covering body-frame ``[lo, hi]`` plus an edge margin; ``None`` if empty."""
         out = []
         for i in range(3):
@@ -281,7 +293,7 @@ class Canvas:
             out.append(slice(i0, i1))
         return out[0], out[1], out[2]
 
-    def coords(self, sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def coords(self, sl: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable body-frame coordinates ``(x[:,1,1], y[1,:,1], z[1,1,:])`` of a box."""
         return (self.ax[0][sl[0]][:, None, None], self.ax[1][sl[1]][None, :, None],
                 self.ax[2][sl[2]][None, None, :])
@@ -290,7 +302,7 @@ class Canvas:
         """Partial-volume membership of a signed distance (mm, negative inside)."""
         return np.clip(0.5 - dist / self.h, 0.0, 1.0).astype(np.float32)
 
-    def ellipsoid_dist(self, sl: tuple[slice, slice, slice], c: tuple[float, ...],
+    def ellipsoid_dist(self, sl: Box, c: tuple[float, ...],
                        s: tuple[float, ...]) -> np.ndarray:
         """First-order signed distance (mm) to an axis-aligned ellipsoid."""
         x, y, z = self.coords(sl)
@@ -300,7 +312,7 @@ class Canvas:
         grad = np.maximum(g / np.maximum(r, 1e-6), 1.0 / max(s))
         return (r - 1.0) / grad
 
-    def ellipsoid(self, c: tuple[float, ...], s: tuple[float, ...]):
+    def ellipsoid(self, c: tuple[float, ...], s: tuple[float, ...]) -> Shape:
         """``(box, membership)`` of an ellipsoid; box is ``None`` when outside the grid."""
         sl = self.box(tuple(c[i] - s[i] for i in range(3)), tuple(c[i] + s[i] for i in range(3)))
         if sl is None:
@@ -308,7 +320,7 @@ class Canvas:
         return sl, self.soft(self.ellipsoid_dist(sl, c, s))
 
     def cylinder(self, cx: float, cy: float, sx: float, sy: float, z_lo: float, z_hi: float,
-                 sl: tuple[slice, slice, slice] | None = None):
+                 sl: Box | None = None) -> Shape:
         """``(box, membership)`` of an elliptic cylinder along z between ``z_lo`` and ``z_hi``.
 
         ``sl`` evaluates it on a given box instead of its own bounding box.
@@ -325,7 +337,8 @@ class Canvas:
         m_z = self.soft(np.maximum(z_lo - z, z - z_hi))
         return sl, np.minimum(m_xy, m_z)
 
-    def paint(self, sl, m: np.ndarray | None, hu: float | np.ndarray, label: int | None) -> None:
+    def paint(self, sl: Box | None, m: np.ndarray | None, hu: float | np.ndarray,
+              label: int | None) -> None:
         """Blend ``hu`` into the box with membership ``m``; label voxels with ``m >= 0.5``."""
         if sl is None or m is None:
             return
@@ -334,7 +347,7 @@ class Canvas:
         if label is not None:
             self.lab[sl][m >= 0.5] = label
 
-    def lung_cavity(self, an: Anatomy, side: str):
+    def lung_cavity(self, an: Anatomy, side: str) -> Shape:
         """``(box, membership)`` of one hemithorax cavity (ellipsoid above the dome)."""
         p = an.lungs[side]
         c, s = (p["cx"], p["cy"], an.z0), (p["lx"], p["ly"], an.H)
@@ -410,16 +423,9 @@ def render_anatomy(cv: Canvas, an: Anatomy, effusion: dict[str, Any] | None = No
         disc = np.mod(z - sp["phase"], sp["period"]) < 6.0
         cv.paint(sl, m, np.where(disc, np.float32(80.0), np.float32(650.0)), L["spine"])
         _, m2 = cv.cylinder(0.0, sp["y"], sp["rx"] - 3, sp["ry"] - 3, z_lo, an.apex + 20, sl=sl)
-        cv.paint(sl, m2 * ~disc, 330.0, L["spine"])  # cancellous core
+        cv.paint(sl, m2 * ~disc, 400.0, L["spine"])  # cancellous core
     cy_canal = sp["y"] - sp["ry"] - sp["canal_r"] - 2.0
     cv.paint(*cv.cylinder(0.0, cy_canal, sp["canal_r"] + 6, sp["canal_r"] + 6, z_lo, an.apex + 20),
              600.0, L["spine"])  # neural arch
     cv.paint(*cv.cylinder(0.0, cy_canal, sp["canal_r"], sp["canal_r"], z_lo, an.apex + 20),
              15.0, L["spine"])  # spinal canal (CSF)
-
-
-def anatomy_dict(an: Anatomy) -> dict[str, Any]:
-    """JSON-friendly copy of the body-frame parameters (for debugging and sidecars)."""
-    d = asdict(an)
-    d.pop("grid")
-    return d
