@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Retrieval, report-twin accuracy and zero-shot AUC of a T3D checkpoint (T3D-METHOD.md, "Evaluation").
+
+    python tools/evaluate.py --checkpoint runs/demo/model --store STORE [--split test] [--out DIR]
+    accelerate launch tools/evaluate.py --config tools/configs/eval/evaluate.yaml --set store=STORE
+
+Each volume is embedded as the mean of its crop embeddings (sliding window or random crops);
+studies are split over processes and gathered with ``t3d_eval.gather_embeddings``. With the
+phantom findings sidecar, every study also gets ``twins_per_study`` reports that differ from its
+own in exactly one finding attribute (side, size, kind, presence, ...), and twin accuracy is
+reported overall and per attribute. Writes ``OUT/NAME.json`` and ``OUT/NAME.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from t3d_tools.config import run_cli  # noqa: E402
+from t3d_tools.eval_config import EvaluateConfig  # noqa: E402
+
+SHORTCUTS = {"checkpoint": "model.checkpoint", "store": "store", "split": "split", "out": "out",
+             "name": "name"}
+
+
+def twin_reports(study_ids: list[str], sidecar: dict[str, dict[str, Any]], per_study: int,
+                 seed: int) -> tuple[list[int], list[str], list[str]]:
+    """Counterfactual reports: ``(row of the study, twin text, changed attribute)`` per twin."""
+    import numpy as np
+    from t3d_data.phantom import render_report, twin_findings
+
+    rows, texts, attrs = [], [], []
+    for row, sid in enumerate(study_ids):
+        rec = sidecar.get(sid)
+        if rec is None:
+            continue
+        rng = np.random.default_rng([seed, row, 17])
+        for _ in range(per_study):
+            twin, change = twin_findings(rec["findings"], rng)
+            texts.append(render_report(twin, seed=rec["report_seed"], reserved=rec["reserved"]))
+            rows.append(row)
+            attrs.append("size" if change["attribute"] == "size_mm" else change["attribute"])
+    return rows, texts, attrs
+
+
+def embed_split(model: Any, dataset: Any, indices: list[int], cfg: EvaluateConfig,
+                accelerator: Any, crop_size: tuple[int, int, int]) -> dict[str, Any]:
+    """Volume embeddings, labels and dataset indices of ``indices``, gathered over processes."""
+    import numpy as np
+    import t3d_eval as ev
+    import torch
+    from torch.utils.data import DataLoader
+
+    enc = ev.crop_encoder(model)
+    emb_cfg = cfg.embedding
+    loader = accelerator.prepare_data_loader(DataLoader(torch.tensor(indices), batch_size=1))
+    vols, labels, idx = [], [], []
+    for batch in loader:
+        i = int(batch[0])
+        sample = dataset[i]
+        image = sample["image"]
+        if emb_cfg.mode == "sliding":
+            v = ev.volume_embedding_sliding(enc, image, crop_size, emb_cfg.overlap,
+                                            batch_size=emb_cfg.batch_size)
+        else:
+            rng = np.random.default_rng([cfg.runtime.seed, i])
+            v = ev.volume_embedding_from_crops(enc, image, crop_size, emb_cfg.num_crops, rng,
+                                               batch_size=emb_cfg.batch_size)
+        dev = accelerator.device
+        vols.append(ev.gather_embeddings(v[None].to(dev), accelerator=accelerator).cpu())
+        labels.append(ev.gather_embeddings(sample["labels"][None].to(dev),
+                                           accelerator=accelerator).cpu())
+        idx.append(ev.gather_embeddings(batch.to(dev), accelerator=accelerator).cpu())
+    return {"volume_emb": torch.cat(vols)[: len(indices)], "labels": torch.cat(labels)[: len(indices)],
+            "index": torch.cat(idx)[: len(indices)]}
+
+
+def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
+             write: bool = True) -> dict[str, Any]:
+    """Run the evaluation; ``model`` (a T3DModel) skips loading ``cfg.model``."""
+    import t3d_eval as ev
+    import torch
+    from t3d_data import VolumeDataset
+    from t3d_data.phantom import ZERO_SHOT_PROMPTS
+    from t3d_tools.eval_common import (
+        check_store,
+        find_sidecar,
+        load_model,
+        read_sidecar,
+        set_threads,
+        subset,
+    )
+
+    check_store(cfg.store)
+    sidecar_path = find_sidecar(cfg.store, cfg.findings)
+    set_threads(cfg.runtime.threads)
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if model is None:
+        model = load_model(cfg.model, cfg.runtime.seed)
+    model = model.to(accelerator.device).eval()
+    crop_size = tuple(cfg.embedding.crop_size or model.config.vision.crop_size)
+
+    dataset = VolumeDataset(cfg.store, split=cfg.split)
+    indices = subset(dataset, cfg.max_studies)
+    if len(indices) < 2:
+        from t3d_tools.config import ConfigError
+
+        raise ConfigError(f"split {cfg.split!r} of {cfg.store} has {len(indices)} studies; "
+                          "retrieval needs at least 2")
+    emb = embed_split(model, dataset, indices, cfg, accelerator, crop_size)
+    order = [int(i) for i in emb["index"]]
+    records = [dataset.store.records[dataset.indices[i]] for i in order]
+    reports = [r.report for r in records]
+    study_ids = [r.study_id for r in records]
+    text = ev.text_encoder(model)
+    report_emb = torch.cat([text(reports[i : i + 32]) for i in range(0, len(reports), 32)])
+
+    results: dict[str, Any] = {
+        "studies": len(order),
+        "retrieval": ev.retrieval_metrics(emb["volume_emb"], report_emb, groups=reports),
+    }
+    if sidecar_path is not None and cfg.twins_per_study > 0:
+        rows, texts, attrs = twin_reports(study_ids, read_sidecar(sidecar_path),
+                                          cfg.twins_per_study, cfg.runtime.seed)
+        if rows:
+            twin_emb = torch.cat([text(texts[i : i + 32]) for i in range(0, len(texts), 32)])
+            r = torch.tensor(rows)
+            twins: dict[str, Any] = {
+                "all": ev.twin_accuracy(emb["volume_emb"][r], report_emb[r], twin_emb),
+                "count": len(rows)}
+            for attr in sorted(set(attrs)):
+                sel = torch.tensor([a == attr for a in attrs])
+                twins[attr] = ev.twin_accuracy(emb["volume_emb"][r][sel], report_emb[r][sel],
+                                               twin_emb[sel])
+            results["twin_accuracy"] = twins
+    names = list(ZERO_SHOT_PROMPTS)
+    finding_index = [dataset.finding_names.index(n) for n in names if n in dataset.finding_names]
+    names = [n for n in names if n in dataset.finding_names]
+    if names:
+        prompts = {n: ZERO_SHOT_PROMPTS[n] for n in names}
+        scores = ev.zero_shot_scores(emb["volume_emb"], text, prompts,
+                                     temperature=cfg.zero_shot_temperature)
+        results["zero_shot_auc"] = ev.zero_shot_auc(scores, emb["labels"][:, finding_index], names)
+    results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
+                         "split": cfg.split, "embedding": cfg.embedding.mode,
+                         "crop_size": list(crop_size), "sidecar": str(sidecar_path)}
+    if write and accelerator.is_main_process:
+        json_path, md_path = ev.write_results(results, cfg.out, cfg.name)
+        print(f"wrote {json_path} and {md_path}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = _parse(argv)
+    results = evaluate(cfg)
+    r = results["retrieval"]
+    print(f"v2r R@1 {r['v2r_recall@1']:.3f}  r2v R@1 {r['r2v_recall@1']:.3f}  "
+          f"zero-shot macro AUC {results.get('zero_shot_auc', {}).get('macro', float('nan')):.3f}")
+    return 0
+
+
+def _parse(argv: list[str] | None) -> EvaluateConfig:
+    from t3d_tools.eval_common import parse_config
+
+    return parse_config(EvaluateConfig, argv, __doc__.split("\n\n")[0], SHORTCUTS)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,129 @@
+"""Shared plumbing of the evaluation scripts: CLI → config, model loading, store checks.
+
+Heavy imports (torch, t3d_models) happen inside the functions, so a config error is reported
+before any of them is paid for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from t3d_tools.config import ConfigError, load_config
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def eval_parser(description: str, shortcuts: dict[str, str]) -> argparse.ArgumentParser:
+    """``--config``/``--set`` plus shortcut flags, each an alias for one ``--set`` field."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML config (tools/configs/eval/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                   help="override one config field (repeatable)")
+    for flag, field in shortcuts.items():
+        if field.endswith("=true"):
+            p.add_argument(f"--{flag}", action="store_true", help=f"same as --set {field}")
+        else:
+            p.add_argument(f"--{flag}", metavar=field.upper().replace(".", "_"),
+                           help=f"same as --set {field}=VALUE")
+    return p
+
+
+def parse_config(model: type[M], argv: list[str] | None, description: str,
+                 shortcuts: dict[str, str]) -> M:
+    """Parse the command line into a validated config (raises :class:`ConfigError`)."""
+    args = eval_parser(description, shortcuts).parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, field in shortcuts.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if field.endswith("=true"):
+            if value:
+                overrides.append(field)
+        elif value is not None:
+            overrides.append(f"{field}={value}")
+    defaults = None if args.config is not None else {}
+    return load_config(model, args.config, overrides, defaults=defaults)
+
+
+def check_store(store: Path) -> None:
+    if not (Path(store) / "index.json").is_file():
+        raise ConfigError(f"store: {store} is not a prepared store (no index.json); run "
+                          "`t3d-data prepare MANIFEST OUT` (or `t3d-data demo DIR`) first")
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_model(section: Any, seed: int = 0):
+    """A T3DModel from ``section.checkpoint``, or the random-init ``section.preset`` if null."""
+    import torch
+    from t3d_models import T3DModel
+
+    if section.checkpoint is None:
+        torch.manual_seed(seed)
+        return T3DModel.from_preset(section.preset).eval()
+    ckpt = Path(section.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise ConfigError(f"model.checkpoint: {ckpt} has no config.json; pass the folder written "
+                          "by save_pretrained (e.g. RUN/model)")
+    return T3DModel.from_pretrained(ckpt).eval()
+
+
+def model_config(section: Any):
+    """The T3DModelConfig of a checkpoint or preset, without building the model."""
+    from t3d_models import T3DModelConfig
+
+    if section.checkpoint is None:
+        try:
+            return T3DModelConfig.from_preset(section.preset)
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from None
+    path = Path(section.checkpoint) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.checkpoint: {section.checkpoint} has no config.json; pass the "
+                          "folder written by save_pretrained (e.g. RUN/model)")
+    return T3DModelConfig.from_json(str(path))
+
+
+def find_sidecar(store: Path, explicit: Path | None) -> Path | None:
+    """The phantom findings sidecar: ``explicit``, else next to the manifest the store came from.
+
+    The demo and benchmark layouts are ``ROOT/phantom/manifest.jsonl`` + ``ROOT/store``.
+    """
+    from t3d_data.phantom import FINDINGS_SIDECAR
+
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise ConfigError(f"findings: {explicit} does not exist")
+        return Path(explicit)
+    store = Path(store)
+    for cand in (store / FINDINGS_SIDECAR, store.parent / FINDINGS_SIDECAR,
+                 *sorted(store.parent.glob(f"*/{FINDINGS_SIDECAR}"))):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_sidecar(path: Path) -> dict[str, dict[str, Any]]:
+    """``{study_id: record}`` of a phantom findings sidecar."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["study_id"]] = rec
+    return out
+
+
+def subset(dataset: Any, max_items: int | None) -> list[int]:
+    """The first ``max_items`` indices of ``dataset`` (all when None)."""
+    n = len(dataset)
+    return list(range(n if max_items is None else min(n, max_items)))

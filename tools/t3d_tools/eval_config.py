@@ -1,0 +1,162 @@
+"""Configs of the evaluation scripts (tools/evaluate.py, finetune_cls.py, finetune_seg.py).
+
+Pydantic models with ``extra="forbid"``, composed from YAML (tools/configs/eval/*.yaml) with
+``--set a.b=value`` overrides by :func:`t3d_tools.config.load_config`, like the pre-training config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_STRICT = ConfigDict(extra="forbid")
+
+#: Phantom label values (t3d_data.phantom.LABELS) merged into a handful of classes for the
+#: segmentation benchmark: organs keep the lesions inside them (as BTCV organ contours do);
+#: body wall, spine, ribs, aorta and pleural fluid count as background.
+DEFAULT_SEG_CLASSES: dict[str, list[int]] = {
+    "lungs": [2, 3, 12],      # lung_right, lung_left, lung_nodule
+    "heart": [4],
+    "liver": [6, 14],         # liver, liver_lesion
+    "spleen": [7],
+    "kidneys": [8, 9, 15],    # kidney_right, kidney_left, kidney_cyst
+}
+
+
+class ModelSection(BaseModel):
+    """Which encoder to evaluate.
+
+    ``checkpoint``: a ``save_pretrained`` folder (``RUN/model``). ``null`` means *no
+    pre-training*: the ``preset`` architecture with random vision weights (seeded by
+    ``runtime.seed``) and the preset's off-the-shelf text encoder.
+    """
+
+    model_config = _STRICT
+    checkpoint: Path | None = None
+    preset: str = "t3d-tiny-cpu"
+
+
+class EmbeddingSection(BaseModel):
+    """How a whole volume becomes one embedding: mean over a sliding window or random crops."""
+
+    model_config = _STRICT
+    mode: Literal["sliding", "random"] = "sliding"
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    num_crops: int = Field(4, ge=1)
+    crop_size: tuple[int, int, int] | None = None  # default: the model's vision.crop_size
+    batch_size: int = Field(4, ge=1)
+
+
+class RuntimeSection(BaseModel):
+    """Threads and seed; ``threads`` caps torch's intra-op pool (null: torch's default)."""
+
+    model_config = _STRICT
+    threads: int | None = Field(2, ge=1)
+    seed: int = 0
+
+
+class EvaluateConfig(BaseModel):
+    """tools/evaluate.py: retrieval, twin accuracy and zero-shot AUC on one split."""
+
+    model_config = _STRICT
+    model: ModelSection = Field(default_factory=ModelSection)
+    store: Path
+    split: str | None = "test"
+    max_studies: int | None = Field(None, ge=1)
+    out: Path = Path("runs/eval")
+    name: str = "eval"
+    embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
+    findings: Path | None = None  # phantom sidecar; default: found next to the store's manifest
+    twins_per_study: int = Field(4, ge=0)
+    zero_shot_temperature: float = Field(0.07, gt=0)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+
+class ProbeSection(BaseModel):
+    """Logistic-regression linear probe on frozen volume features."""
+
+    model_config = _STRICT
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(2000, ge=1)
+
+
+class FullFinetuneSection(BaseModel):
+    """Full fine-tune (encoder + linear head) on random crops labelled with their study's findings."""
+
+    model_config = _STRICT
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    head_lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    crops_per_study: int = Field(2, ge=1)
+
+
+class ClassifyConfig(BaseModel):
+    """tools/finetune_cls.py: multi-label finding classification, macro AUC."""
+
+    model_config = _STRICT
+    model: ModelSection = Field(default_factory=ModelSection)
+    store: Path
+    train_split: str = "train"
+    test_split: str = "test"
+    max_train: int | None = Field(None, ge=1)
+    max_test: int | None = Field(None, ge=1)
+    out: Path = Path("runs/cls")
+    name: str = "cls"
+    full: bool = False
+    features: Literal["backbone", "embedding"] = "backbone"
+    embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
+    probe: ProbeSection = Field(default_factory=ProbeSection)
+    finetune: FullFinetuneSection = Field(default_factory=FullFinetuneSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+
+class SegmentationConfig(BaseModel):
+    """tools/finetune_seg.py: SwinUNETR from a T3D checkpoint (or scratch), Dice per class."""
+
+    model_config = _STRICT
+    model: ModelSection = Field(default_factory=ModelSection)
+    scratch: bool = False
+    store: Path
+    train_split: str = "train"
+    test_split: str = "test"
+    max_test: int | None = Field(None, ge=1)
+    out: Path = Path("runs/seg")
+    name: str = "seg"
+    classes: dict[str, list[int]] = Field(default_factory=lambda: dict(DEFAULT_SEG_CLASSES))
+    label_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(2, ge=1)
+    samples_per_volume: int = Field(2, ge=1)
+    roi_size: tuple[int, int, int] | None = None  # default: the model's vision.crop_size
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(2, ge=1)
+    overlays: int = Field(2, ge=0)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_disjoint(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        if not v:
+            raise ValueError("classes is empty; map at least one class name to label values")
+        seen: dict[int, str] = {}
+        for name, values in v.items():
+            if not values:
+                raise ValueError(f"class {name!r} has no label values")
+            for x in values:
+                if x <= 0:
+                    raise ValueError(f"class {name!r}: label value {x} must be > 0 (0 is background)")
+                if x in seen:
+                    raise ValueError(f"label value {x} is in both {seen[x]!r} and {name!r}")
+                seen[x] = name
+        return v
+
+    @model_validator(mode="after")
+    def _scratch_needs_architecture(self) -> SegmentationConfig:
+        if not self.scratch and self.model.checkpoint is None:
+            raise ValueError("model.checkpoint is null: pass a T3D checkpoint or set scratch=true "
+                             "(from-scratch SwinUNETR of model.preset's architecture)")
+        return self
