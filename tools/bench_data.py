@@ -4,7 +4,7 @@ Synthesises a few CT-sized volumes (~512×512×300 int16, noise + body pattern),
 .nii.gz, prepares them into stores with different chunk sizes, then measures crops/s and bytes
 read per crop, cold (page cache dropped) and warm, for (a) MONAI ``LoadImaged`` +
 ``EnsureChannelFirstd`` + ``ScaleIntensityRanged`` + ``RandSpatialCropSamplesd(num_samples=4)``
-and (b) ``t3d_data.CropDataset`` on the store. Results are documented in docs/performance-data.md.
+and (b) ``t3d_data.CropDataset`` on the store. Results are documented in docs/performance.md.
 
 Usage:
     uv run python tools/bench_data.py --workdir /tmp/t3d_bench [--volumes 3] [--passes 2]

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from t3d_tools.checkpoint import finalize, resolve_resume, write_json_atomic
     from t3d_tools.data import EpochShuffleSampler, PretrainDataset, collate_pretrain
     from t3d_tools.pretrain_config import resolve_objective
-    from t3d_tools.trainer import PretrainModule, summarise_run, timed
+    from t3d_tools.trainer import PretrainModule, peak_memory_mib, summarise_run, timed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                                     shuffle_block_size=c.shuffle_block_size, mode=c.mode,
                                     noise_std=c.noise_std)
     dataset = PretrainDataset(crops, corruption, seed=cfg.data.crop.seed)
-    sampler = EpochShuffleSampler(len(dataset), seed=cfg.data.crop.seed, shuffle=cfg.data.shuffle)
     per_step = cfg.data.batch_size * accelerator.num_processes
+    sampler = EpochShuffleSampler(len(dataset), seed=cfg.data.crop.seed, shuffle=cfg.data.shuffle,
+                                  global_batch=per_step)
     if len(dataset) < per_step:
         raise ConfigError(f"data: split {cfg.data.split!r} has {len(dataset)} studies, fewer than one "
                           f"global batch ({cfg.data.batch_size} x {accelerator.num_processes} processes)")
@@ -203,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.wait_for_everyone()
         return final
 
+    start_step = state["step"]
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], desc="pretrain",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     t_start, compute_time, crops_done, waits = time.perf_counter(), 0.0, 0, [0.0]
     stopped_by_signal = False
     while state["step"] < cfg.optim.max_steps and not stopped_by_signal:
-        sampler.set_epoch(state["epoch"])
-        dataset.set_epoch(state["epoch"])
+        sampler.use_epoch(state["epoch"])
+        dataset.use_epoch(state["epoch"])
         epoch_loader = loader
         if state["batch_in_epoch"]:
             epoch_loader = accelerator.skip_first_batches(loader, state["batch_in_epoch"])
@@ -298,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.unwrap_model(module).model.save_pretrained(run_dir / "model")
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t_start
+    steps_run = state["step"] - start_step
     timing = {"seconds": elapsed, "data_wait_seconds": waits[0], "compute_seconds": compute_time,
-              "crops_per_second": crops_done / max(compute_time + waits[0], 1e-9)}
+              "steps_per_second": steps_run / max(compute_time + waits[0], 1e-9),
+              "crops_per_second": crops_done / max(compute_time + waits[0], 1e-9),
+              "peak_memory_mib": peak_memory_mib(accelerator.device)}
     summary = summarise_run(accelerator, accelerator.unwrap_model(module).model, cfg, log_path, timing)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "summary.json", summary)

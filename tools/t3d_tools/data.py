@@ -20,19 +20,30 @@ log = logging.getLogger("t3d.pretrain")
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``; call :meth:`set_epoch`."""
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``; call :meth:`use_epoch`.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    The method is deliberately not called ``set_epoch``: accelerate's prepared DataLoader calls
+    ``set_epoch`` with its own count of *completed* iterations, which is wrong after a loop that
+    stops mid-epoch or after ``skip_first_batches``; the training loop owns the epoch.
 
-    def set_epoch(self, epoch: int) -> None:
+    Only the first ``n - n % global_batch`` indices of each permutation are used, so every
+    global batch is whole and the same studies form the same global batches whatever the
+    number of processes (accelerate shards each global batch across them).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, global_batch: int = 1) -> None:
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.n_all = n
+        self.n = n - n % global_batch
+
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n_all, generator=g)[: self.n].tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -48,7 +59,8 @@ class PretrainDataset(Dataset):
     def __init__(self, crops: CropDataset, corruption: CropCorruption | None, seed: int) -> None:
         self.crops, self.corruption, self.seed = crops, corruption, seed
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
+        """Select the epoch of the crops (not ``set_epoch``: see :class:`EpochShuffleSampler`)."""
         self.crops.set_epoch(epoch)
 
     def __len__(self) -> int:

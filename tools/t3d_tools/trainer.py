@@ -47,6 +47,15 @@ def timed(iterable: Iterable[Any], waits: list[float]) -> Iterator[Any]:
         yield item
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def chance_recall(groups: list[int], k: int) -> float:
     """Expected Recall@K of a random ranking when every member of a query's group is a hit."""
     m = len(groups)
@@ -130,7 +139,8 @@ def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
     steps = records[-1]["step"] if records else 0
     summary = {"steps": steps, "skipped_steps": sum(r["skipped"] for r in records),
                "loss_start": start, "loss_end": end, **timing,
-               "data_wait_fraction": timing["data_wait_seconds"] / max(timing["seconds"], 1e-9),
+               "data_wait_fraction": timing["data_wait_seconds"]
+               / max(timing["data_wait_seconds"] + timing["compute_seconds"], 1e-9),
                "retrieval": retrieval}
     lines = [f"T3D pre-training: {steps} steps in {timing['seconds']:.0f} s "
              f"({timing['crops_per_second']:.2f} crops/s, data wait "
