@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Multi-label finding classification from a T3D encoder: linear probe or full fine-tune (macro AUC).
+
+    python tools/finetune_cls.py --checkpoint runs/demo/model --store STORE [--full] [--out DIR]
+    python tools/finetune_cls.py --config tools/configs/eval/finetune_cls.yaml --set store=STORE
+
+Linear probe (default): frozen volume features (mean over a sliding window of the pooled
+bottleneck tokens, or of ``proj_v`` embeddings with ``features: embedding``), one standardised
+logistic regression per finding (``t3d_eval.linear_probe``). ``--full``: encoder + linear head
+trained on random crops that carry their study's labels (``t3d_eval.finetune_classifier``);
+test studies are scored by the mean probability over their sliding-window crops.
+AUC is torchmetrics' ``MultilabelAUROC``; single-class findings are NaN and left out of the macro.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from t3d_tools.config import run_cli  # noqa: E402
+from t3d_tools.eval_config import ClassifyConfig  # noqa: E402
+
+SHORTCUTS = {"checkpoint": "model.checkpoint", "store": "store", "out": "out", "name": "name",
+             "full": "full=true"}
+
+
+def feature_encoder(model: Any, kind: str):
+    """``nn.Module``: crops ``(N, 1, D, H, W)`` → ``(N, C)`` features of ``model``'s vision tower."""
+    from torch import nn
+
+    class Features(nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+            self.dim = m.config.embed_dim if kind == "embedding" else m.vision.token_channels
+
+        def forward(self, crops):
+            if kind == "embedding":
+                return self.m.encode_volume_crops(crops)
+            tokens, _ = self.m.vision.tokens(self.m.vision.encode(crops, skips=False))
+            return tokens.mean(1)
+
+    return Features(model)
+
+
+def volume_features(encoder: Any, dataset: Any, indices: list[int], cfg: ClassifyConfig,
+                    crop_size: tuple[int, int, int]) -> tuple[Any, Any]:
+    import numpy as np
+    import t3d_eval as ev
+    import torch
+
+    def enc(crops):
+        with torch.no_grad():
+            return encoder(crops.to(next(encoder.parameters()).device)).float().cpu()
+
+    feats, labels = [], []
+    encoder.eval()
+    for i in indices:
+        s = dataset[i]
+        if cfg.embedding.mode == "sliding":
+            feats.append(ev.volume_embedding_sliding(enc, s["image"], crop_size, cfg.embedding.overlap,
+                                                     batch_size=cfg.embedding.batch_size))
+        else:
+            rng = np.random.default_rng([cfg.runtime.seed, i])
+            feats.append(ev.volume_embedding_from_crops(enc, s["image"], crop_size,
+                                                        cfg.embedding.num_crops, rng,
+                                                        batch_size=cfg.embedding.batch_size))
+        labels.append(s["labels"])
+    return torch.stack(feats), torch.stack(labels)
+
+
+def random_crop_batches(dataset: Any, indices: list[int], crop_size: tuple[int, int, int],
+                        per_study: int, batch_size: int, seed: int) -> list[tuple[Any, Any]]:
+    """``(crops, labels)`` batches: ``per_study`` random crops of each study with its labels."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    crops, labels = [], []
+    for i in indices:
+        s = dataset[i]
+        vol = s["image"]
+        need = [max(0, c - d) for c, d in zip(crop_size, vol.shape[1:], strict=True)]
+        vol = F.pad(vol, (0, need[2], 0, need[1], 0, need[0]))
+        for _ in range(per_study):
+            x, y, z = (int(rng.integers(0, d - c + 1)) for d, c in
+                       zip(vol.shape[1:], crop_size, strict=True))
+            crops.append(vol[:, x : x + crop_size[0], y : y + crop_size[1], z : z + crop_size[2]])
+            labels.append(s["labels"])
+    order = rng.permutation(len(crops))
+    return [(torch.stack([crops[j] for j in order[k : k + batch_size]]),
+             torch.stack([labels[j] for j in order[k : k + batch_size]]))
+            for k in range(0, len(order), batch_size)]
+
+
+def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True) -> dict[str, Any]:
+    """Linear probe (or full fine-tune) AUC; ``model`` (a T3DModel) skips loading ``cfg.model``."""
+    import t3d_eval as ev
+    import torch
+    from t3d_data import VolumeDataset
+    from t3d_tools.config import ConfigError
+    from t3d_tools.eval_common import check_store, load_model, set_threads, subset
+
+    check_store(cfg.store)
+    set_threads(cfg.runtime.threads)
+    if model is None:
+        model = load_model(cfg.model, cfg.runtime.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = feature_encoder(model, cfg.features).to(device)
+    crop_size = tuple(cfg.embedding.crop_size or model.config.vision.crop_size)
+    train = VolumeDataset(cfg.store, split=cfg.train_split)
+    test = VolumeDataset(cfg.store, split=cfg.test_split)
+    tr_idx, te_idx = subset(train, cfg.max_train), subset(test, cfg.max_test)
+    if not tr_idx or not te_idx:
+        raise ConfigError(f"train split {cfg.train_split!r} has {len(tr_idx)} studies and test split "
+                          f"{cfg.test_split!r} {len(te_idx)}; both need at least one")
+    names = list(train.finding_names)
+    results: dict[str, Any] = {"train_studies": len(tr_idx), "test_studies": len(te_idx)}
+    if not cfg.full:
+        xtr, ytr = volume_features(encoder, train, tr_idx, cfg, crop_size)
+        xte, yte = volume_features(encoder, test, te_idx, cfg, crop_size)
+        results["linear_probe_auc"] = ev.linear_probe(xtr, ytr, xte, yte, names, C=cfg.probe.C,
+                                                      max_iter=cfg.probe.max_iter,
+                                                      seed=cfg.runtime.seed)
+    else:
+        ft = cfg.finetune
+        batches = random_crop_batches(train, tr_idx, crop_size, ft.crops_per_study,
+                                      ft.batch_size, cfg.runtime.seed)
+        clf, losses = ev.finetune_classifier(encoder, encoder.dim, len(names), batches,
+                                             epochs=ft.epochs, lr=ft.lr, head_lr=ft.head_lr,
+                                             seed=cfg.runtime.seed, device=device)
+        logits, yte = volume_features(clf, test, te_idx, cfg, crop_size)  # mean logit per study
+        results["finetune_auc"] = ev.multilabel_auc(torch.sigmoid(logits), yte, names)
+        results["finetune_final_loss"] = losses[-1]
+    results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
+                         "features": cfg.features, "full": cfg.full}
+    if write:
+        json_path, md_path = ev.write_results(results, cfg.out, cfg.name)
+        print(f"wrote {json_path} and {md_path}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from t3d_tools.eval_common import parse_config
+
+    cfg = parse_config(ClassifyConfig, argv, __doc__.split("\n\n")[0], SHORTCUTS)
+    results = classify(cfg)
+    key = "finetune_auc" if cfg.full else "linear_probe_auc"
+    print(f"{key} macro {results[key]['macro']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

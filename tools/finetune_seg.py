@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Segmentation fine-tuning: MONAI SwinUNETR initialised from a T3D checkpoint, or from scratch.
+
+    python tools/finetune_seg.py --checkpoint runs/demo/model --store STORE [--fraction 0.1]
+    python tools/finetune_seg.py --checkpoint runs/demo/model --store STORE --scratch
+    python tools/finetune_seg.py --config tools/configs/eval/finetune_seg.yaml --set store=STORE
+
+``t3d_models.build_monai_swinunetr`` loads the T3D encoder (and the TIR-trained decoder) into a
+plain ``SwinUNETR``; ``--scratch`` builds the same architecture (``swinunetr_kwargs``) with
+MONAI's initialisation. Both get the same budget (``steps`` of ``t3d_eval.finetune_segmentation``
+on ``label_fraction`` of the labelled training studies). Test volumes are predicted with
+``sliding_window_inference`` on their own voxel grid and scored with MONAI ``DiceMetric`` per
+class; a few predictions are saved as overlay PNGs. Phantom label values are merged into the
+classes of ``classes`` (default: lungs, heart, liver, spleen, kidneys; see eval_config.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from t3d_tools.config import run_cli  # noqa: E402
+from t3d_tools.eval_config import SegmentationConfig  # noqa: E402
+
+SHORTCUTS = {"checkpoint": "model.checkpoint", "store": "store", "out": "out", "name": "name",
+             "fraction": "label_fraction", "steps": "steps", "scratch": "scratch=true"}
+
+
+def label_lookup(classes: dict[str, list[int]]):
+    """A lookup table: phantom label value → class index (1..K; unlisted values → 0)."""
+    import torch
+
+    top = max(v for values in classes.values() for v in values)
+    lut = torch.zeros(max(top + 1, 256), dtype=torch.long)
+    for k, values in enumerate(classes.values(), start=1):
+        lut[torch.tensor(values)] = k
+    return lut
+
+
+def labelled_studies(store: Path, split: str, lut: Any, limit: int | None = None) -> list[dict]:
+    """``{"image", "label", "study_id"}`` of the studies of ``split`` that have a mask."""
+    from t3d_data import VolumeDataset
+
+    ds = VolumeDataset(store, split=split)
+    out = []
+    for i in range(len(ds)):
+        if not ds.store.records[ds.indices[i]].has_mask:
+            continue
+        s = ds[i]
+        out.append({"image": s["image"], "label": lut[s["mask"].clamp(0, len(lut) - 1)],
+                    "study_id": s["study_id"]})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def build_network(cfg: SegmentationConfig, num_classes: int, source: Any = None):
+    """SwinUNETR from ``source`` (a T3DModel) / ``cfg.model.checkpoint``, or from scratch."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+    from t3d_models import build_monai_swinunetr, swinunetr_kwargs
+    from t3d_tools.eval_common import model_config
+
+    torch.manual_seed(cfg.runtime.seed)
+    if cfg.scratch:
+        config = source.config if source is not None else model_config(cfg.model)
+        return SwinUNETR(out_channels=num_classes, **swinunetr_kwargs(config)), config
+    src = source if source is not None else cfg.model.checkpoint
+    config = source.config if source is not None else model_config(cfg.model)
+    return build_monai_swinunetr(src, out_channels=num_classes), config
+
+
+def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True) -> dict[str, Any]:
+    """Fine-tune and evaluate; ``source`` (a T3DModel) replaces ``cfg.model.checkpoint``."""
+    import t3d_eval as ev
+    import torch
+    from t3d_tools.config import ConfigError
+    from t3d_tools.eval_common import check_store, set_threads
+
+    check_store(cfg.store)
+    set_threads(cfg.runtime.threads)
+    lut = label_lookup(cfg.classes)
+    num_classes = len(cfg.classes) + 1
+    train = labelled_studies(cfg.store, cfg.train_split, lut)
+    test = labelled_studies(cfg.store, cfg.test_split, lut, cfg.max_test)
+    if not train or not test:
+        raise ConfigError(f"{len(train)} labelled studies in split {cfg.train_split!r} and "
+                          f"{len(test)} in {cfg.test_split!r}; both need masks")
+    net, config = build_network(cfg, num_classes, source)
+    roi = tuple(cfg.roi_size or config.vision.crop_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device)
+    losses = ev.finetune_segmentation(net, train, roi, num_classes, steps=cfg.steps, lr=cfg.lr,
+                                      label_fraction=cfg.label_fraction, seed=cfg.runtime.seed,
+                                      batch_size=cfg.batch_size,
+                                      samples_per_volume=cfg.samples_per_volume, device=device)
+    names = list(cfg.classes)
+    dice = ev.evaluate_segmentation(net, test, roi, num_classes, class_names=names,
+                                    sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap,
+                                    device=device)
+    results: dict[str, Any] = {
+        "dice": dice,
+        "train_studies_used": len(ev.label_fraction_subset(train, cfg.label_fraction,
+                                                           cfg.runtime.seed)),
+        "train_studies_labelled": len(train),
+        "test_studies": len(test),
+        "steps": cfg.steps,
+        "final_loss": losses[-1],
+        "init": "scratch" if cfg.scratch else "t3d",
+    }
+    overlays = []
+    if write:
+        for s in test[: cfg.overlays]:
+            pred = ev.predict_segmentation(net, s["image"], roi, sw_batch_size=cfg.sw_batch_size,
+                                           overlap=cfg.overlap, device=device)
+            path = Path(cfg.out) / "overlays" / f"{cfg.name}_{s['study_id']}.png"
+            overlays.append(ev.save_overlays(s["image"], s["label"], pred, path))
+        results["overlays"] = [str(p) for p in overlays]
+        json_path, md_path = ev.write_results(results, cfg.out, cfg.name)
+        print(f"wrote {json_path} and {md_path}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from t3d_tools.eval_common import parse_config
+
+    cfg = parse_config(SegmentationConfig, argv, __doc__.split("\n\n")[0], SHORTCUTS)
+    results = segment(cfg)
+    print(f"{results['init']}: mean Dice {results['dice']['mean']:.3f} "
+          f"({results['train_studies_used']} training studies, {cfg.steps} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
