@@ -166,3 +166,19 @@ def test_two_processes_match_one(store, tmp_path):
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "tcl_loss", "tir_loss", "align_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (key, ra, rb)
+
+
+def test_default_demo_runs_a_few_steps(tmp_path):
+    """The README's main job (no --config): phantom data built and cached, then pre-training."""
+    run_dir = tmp_path / "demo"
+    res = _run(["--set", "optim.max_steps=2", "--set", f"run.output_dir={run_dir}"], tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "cache" / "phantom-n40-s0" / "store" / "index.json").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert set(summary["loss_start"]) == {"loss", "tcl_loss", "tir_loss", "align_loss"}
+    r = summary["retrieval"]
+    assert r["studies"] >= 4 and 0 <= r["v2r_recall@1"] <= 1 and 0 < r["chance_recall@5"] <= 1
+    assert "retrieval on" in res.stdout and "chance" in res.stdout
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert (run_dir / "loss_curve.png").is_file()
