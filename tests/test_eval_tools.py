@@ -1,0 +1,119 @@
+"""Integration tests of the evaluation scripts, run as subprocesses as a user would.
+
+One smoke benchmark (tools/run_benchmark.py --preset smoke: one pre-training step of the T3D arm,
+the no-pre-training arm, retrieval/twins/zero-shot, linear probe, a 1-step segmentation fine-tune
+with Dice and an overlay) and tools/evaluate.py on the checkpoint it produced. They check that the
+pipeline runs end to end and writes what it promises, not that anything is learned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+                T3D_CACHE_DIR=str(cache), OMP_NUM_THREADS="2")
+
+
+def _run(script: str, args: list[str], cache: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOLS / script), *args], cwd=ROOT, env=_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    out, md = root / "out", root / "results.md"
+    md.write_text("# Results\n\nhand-written note that must survive\n")
+    res = _run("run_benchmark.py", ["--preset", "smoke", "--out", str(out), "--results-md", str(md)],
+               root / "cache")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return {"out": out, "md": md, "cache": root / "cache", "root": root}
+
+
+@pytest.mark.slow
+def test_smoke_benchmark_writes_results(smoke):
+    out = smoke["out"]
+    agg = json.loads((out / "benchmark.json").read_text())
+    assert set(agg) == {"t3d", "none"}
+    for arm in ("t3d", "none"):
+        run = json.loads((out / "runs" / f"{arm}-seed0.json").read_text())
+        for key in ("v2r_recall@1", "v2r_recall@5", "v2r_recall@10", "v2r_median_rank",
+                    "r2v_recall@1", "r2v_median_rank"):
+            assert 0 <= run["retrieval"][key] <= 12, key
+        assert {"all", "count"} <= set(run["twin_accuracy"])
+        assert "macro" in run["zero_shot_auc"] and "macro" in run["linear_probe_auc"]
+        dice = run["dice"]
+        assert set(dice) == {"lungs", "heart", "liver", "spleen", "kidneys", "mean"}
+        assert dice["mean"] is not None and 0.0 <= dice["mean"] <= 1.0
+        png = Path(run["overlays"][0])
+        assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # aggregated leaves are mean/std pairs
+        assert set(agg[arm]["retrieval"]["v2r_recall@1"]) == {"mean", "std"}
+    assert (out / "pretrain" / "t3d-seed0" / "model" / "config.json").is_file()
+    md = smoke["md"].read_text()
+    assert "hand-written note that must survive" in md
+    assert "<!-- benchmark:smoke:start -->" in md and "<!-- benchmark:smoke:end -->" in md
+    assert "uv run python tools/run_benchmark.py --preset smoke --out" in md
+    assert "| metric | t3d | none |" in md and "| linear-probe macro AUC |" in md
+    assert "Comparisons, as measured by this run:" in md
+    assert "--results-md" not in md
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_the_smoke_checkpoint(smoke):
+    ckpt = smoke["out"] / "pretrain" / "t3d-seed0" / "model"
+    store = next(smoke["cache"].glob("bench-phantom-*/store"))
+    out = smoke["root"] / "eval"
+    res = _run("evaluate.py", ["--checkpoint", str(ckpt), "--store", str(store), "--out", str(out),
+                               "--set", "twins_per_study=1", "--set", "embedding.mode=random",
+                               "--set", "embedding.num_crops=1"], smoke["cache"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert {"retrieval", "twin_accuracy", "zero_shot_auc", "studies", "config"} <= set(result)
+    assert result["config"]["sidecar"].endswith("phantom_findings.jsonl")
+    assert result["twin_accuracy"]["count"] == result["studies"]
+    table = (out / "eval.md").read_text()
+    assert table.startswith("# eval") and "| retrieval/v2r_recall@1 |" in table
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needle"),
+    [
+        ("evaluate.py", ["--store", "/x", "--set", "embedding.mod=sliding"],
+         "field 'embedding.mod': unknown key"),
+        ("finetune_cls.py", ["--store", "/x", "--set", "features=pixels"], "field 'features'"),
+        ("finetune_seg.py", ["--store", "/x", "--fraction", "1.5", "--scratch"],
+         "field 'label_fraction'"),
+        ("finetune_seg.py", ["--config", "tools/configs/eval/finetune_seg.yaml",
+                             "--set", "classes.heart=[2]", "--scratch"], "label value 2 is in both"),
+        ("run_benchmark.py", ["--arms", "t3d,clip"], "unknown arm(s) ['clip']"),
+    ],
+)
+def test_config_errors_are_one_line_exit_2(tmp_path, script, args, needle):
+    res = _run(script, args, tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    assert needle in lines[0]
+
+
+def test_config_files_validate():
+    sys.path.insert(0, str(TOOLS))
+    from t3d_tools.config import load_config
+    from t3d_tools.eval_config import ClassifyConfig, EvaluateConfig, SegmentationConfig
+
+    for name, model in (("evaluate", EvaluateConfig), ("finetune_cls", ClassifyConfig),
+                        ("finetune_seg", SegmentationConfig)):
+        cfg = load_config(model, TOOLS / "configs" / "eval" / f"{name}.yaml")
+        assert cfg.model.checkpoint is not None
