@@ -182,3 +182,26 @@ def test_default_demo_runs_a_few_steps(tmp_path):
     assert "retrieval on" in res.stdout and "chance" in res.stdout
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "loss_curve.png").is_file()
+
+
+def test_unreadable_study_is_counted_not_fatal(store, tmp_path):
+    import shutil
+
+    bad_store = tmp_path / "store"
+    shutil.copytree(store, bad_store)
+    index = json.loads((bad_store / "index.json").read_text())
+    victim = next(s for s in index["studies"] if s["split"] == "train")
+    for chunk in (bad_store / "studies" / victim["key"] / "image" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a blosc chunk")
+    common = [*SMALL, "--set", f"data.store={bad_store}", "--set", "optim.max_steps=3",
+              "--set", "run.eval_split=null", "--set", "run.checkpoint_every=100"]
+    ok = _run([*common, "--set", "run.max_bad_fraction=0.5", "--set", f"run.output_dir={tmp_path / 'a'}"],
+              tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"study {victim['study_id']} skipped" in ok.stderr
+    assert _log(tmp_path / "a")[-1]["step"] == 3
+    strict = _run([*common, "--set", "run.max_bad_fraction=0", "--set", f"run.output_dir={tmp_path / 'b'}"],
+                  tmp_path)
+    assert strict.returncode != 0 and "Traceback" not in strict.stderr
+    assert "studies failed to load (> run.max_bad_fraction=0.0)" in strict.stderr
