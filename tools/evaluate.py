@@ -2,7 +2,7 @@
 """Retrieval, report-twin accuracy and zero-shot AUC of a T3D checkpoint (T3D-METHOD.md, "Evaluation").
 
     python tools/evaluate.py --checkpoint runs/demo/model --store STORE [--split test] [--out DIR]
-    accelerate launch tools/evaluate.py --config tools/configs/eval/evaluate.yaml --set store=STORE
+    accelerate launch --config_file tools/accelerate/cpu_2proc.yaml tools/evaluate.py --config tools/configs/eval/evaluate.yaml --set store=STORE
 
 Each volume is embedded as the mean of its crop embeddings (sliding window or random crops);
 studies are split over processes and gathered with ``t3d_eval.gather_embeddings``. With the
@@ -149,7 +149,8 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
         results["zero_shot_auc"] = ev.zero_shot_auc(scores, emb["labels"][:, finding_index], names)
     results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
                          "split": cfg.split, "embedding": cfg.embedding.mode,
-                         "crop_size": list(crop_size), "sidecar": str(sidecar_path)}
+                         "crop_size": list(crop_size), "sidecar": str(sidecar_path),
+                         "processes": accelerator.num_processes}
     if write and accelerator.is_main_process:
         json_path, md_path = ev.write_results(results, cfg.out, cfg.name)
         print(f"wrote {json_path} and {md_path}")
