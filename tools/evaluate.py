@@ -134,10 +134,13 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
             twins: dict[str, Any] = {
                 "all": ev.twin_accuracy(emb["volume_emb"][r], report_emb[r], twin_emb),
                 "count": len(rows)}
+            counts = {}
             for attr in sorted(set(attrs)):
                 sel = torch.tensor([a == attr for a in attrs])
                 twins[attr] = ev.twin_accuracy(emb["volume_emb"][r][sel], report_emb[r][sel],
                                                twin_emb[sel])
+                counts[attr] = int(sel.sum())
+            twins["counts"] = counts
             results["twin_accuracy"] = twins
     names = list(ZERO_SHOT_PROMPTS)
     finding_index = [dataset.finding_names.index(n) for n in names if n in dataset.finding_names]
