@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_setting(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dict:
-    run_dir = out / name
+    run_dir = out / "".join(c if c.isalnum() else "-" for c in name)
     cmd = [sys.executable, str(ROOT / "tools" / "pretrain.py")]
     if args.config:
         cmd += ["--config", str(args.config)]

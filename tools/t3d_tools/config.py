@@ -66,7 +66,7 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
         ConfigError: missing file, YAML syntax error, unknown key or invalid value.
     """
     tree: dict[str, Any] = dict(defaults or {})
-    source = "default config"
+    source = "command line"
     if path is not None:
         source = str(path)
         p = Path(path)
