@@ -27,14 +27,14 @@ def _env(cache: Path) -> dict[str, str]:
 
 def _run(script: str, args: list[str], cache: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOLS / script), *args], cwd=ROOT, env=_env(cache),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench")
     out, md = root / "out", root / "results.md"
-    md.write_text("# Results\n\nhand-written note that must survive\n")
+    md.write_text("# Results\n\nhand-written note that must survive\n", encoding="utf-8")
     res = _run("run_benchmark.py", ["--preset", "smoke", "--out", str(out), "--results-md", str(md)],
                root / "cache")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -44,10 +44,10 @@ def smoke(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_smoke_benchmark_writes_results(smoke):
     out = smoke["out"]
-    agg = json.loads((out / "benchmark.json").read_text())
+    agg = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert set(agg) == {"t3d", "none"}
     for arm in ("t3d", "none"):
-        run = json.loads((out / "runs" / f"{arm}-seed0.json").read_text())
+        run = json.loads((out / "runs" / f"{arm}-seed0.json").read_text(encoding="utf-8"))
         for key in ("v2r_recall@1", "v2r_recall@5", "v2r_recall@10", "v2r_median_rank",
                     "r2v_recall@1", "r2v_median_rank"):
             assert 0 <= run["retrieval"][key] <= 12, key
@@ -61,7 +61,7 @@ def test_smoke_benchmark_writes_results(smoke):
         # aggregated leaves are mean/std pairs
         assert set(agg[arm]["retrieval"]["v2r_recall@1"]) == {"mean", "std"}
     assert (out / "pretrain" / "t3d-seed0" / "model" / "config.json").is_file()
-    md = smoke["md"].read_text()
+    md = smoke["md"].read_text(encoding="utf-8")
     assert "hand-written note that must survive" in md
     assert "<!-- benchmark:smoke:start -->" in md and "<!-- benchmark:smoke:end -->" in md
     assert "uv run python tools/run_benchmark.py --preset smoke --out" in md
@@ -79,11 +79,11 @@ def test_evaluate_cli_on_the_smoke_checkpoint(smoke):
                                "--set", "twins_per_study=1", "--set", "embedding.mode=random",
                                "--set", "embedding.num_crops=1"], smoke["cache"])
     assert res.returncode == 0, res.stderr[-4000:]
-    result = json.loads((out / "eval.json").read_text())
+    result = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     assert {"retrieval", "twin_accuracy", "zero_shot_auc", "studies", "config"} <= set(result)
     assert result["config"]["sidecar"].endswith("phantom_findings.jsonl")
     assert result["twin_accuracy"]["count"] == result["studies"]
-    table = (out / "eval.md").read_text()
+    table = (out / "eval.md").read_text(encoding="utf-8")
     assert table.startswith("# eval") and "| retrieval/v2r_recall@1 |" in table
 
 

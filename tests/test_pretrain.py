@@ -34,7 +34,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _run(args: list[str], tmp_path: Path, timeout: float = 420, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PRETRAIN), *args], cwd=ROOT, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout, **kw)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def _log(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_config_errors_are_one_clear_line(tmp_path):
@@ -91,7 +91,7 @@ def test_resume_after_sigkill_is_bit_exact(store, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists(), "the run never wrote its step-4 checkpoint"
-    state = json.loads((marker.parent / "trainer_state.json").read_text())["state"]
+    state = json.loads((marker.parent / "trainer_state.json").read_text(encoding="utf-8"))["state"]
     assert state["epoch"] >= 1 and state["batch_in_epoch"] != 0, f"want a mid-epoch checkpoint after an epoch boundary: {state}"
     assert not (cut_dir / "model").exists(), "killed too late: the run had already finished"
 
@@ -111,7 +111,7 @@ def test_sigterm_saves_and_exits_cleanly(store, tmp_path):
         [sys.executable, str(PRETRAIN), *SMALL, "--set", f"data.store={store}",
          "--set", "optim.max_steps=50", "--set", "run.checkpoint_every=100",
          "--set", f"run.output_dir={run_dir}"],
-        cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     deadline = time.time() + 300
     while not (run_dir / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -159,7 +159,7 @@ def test_two_processes_match_one(store, tmp_path):
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(ROOT / "tools" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29561",
          str(PRETRAIN), *common, "--set", "data.batch_size=2", "--set", f"run.output_dir={tmp_path / 'two'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=420)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert len(a) == len(b) == 2
@@ -174,7 +174,7 @@ def test_default_demo_runs_a_few_steps(tmp_path):
     res = _run(["--set", "optim.max_steps=2", "--set", f"run.output_dir={run_dir}"], tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "cache" / "phantom-n40-s0" / "store" / "index.json").is_file()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 2
     assert set(summary["loss_start"]) == {"loss", "tcl_loss", "tir_loss", "align_loss"}
     r = summary["retrieval"]
@@ -189,7 +189,7 @@ def test_unreadable_study_is_counted_not_fatal(store, tmp_path):
 
     bad_store = tmp_path / "store"
     shutil.copytree(store, bad_store)
-    index = json.loads((bad_store / "index.json").read_text())
+    index = json.loads((bad_store / "index.json").read_text(encoding="utf-8"))
     victim = next(s for s in index["studies"] if s["split"] == "train")
     for chunk in (bad_store / "studies" / victim["key"] / "image" / "c").rglob("*"):
         if chunk.is_file():

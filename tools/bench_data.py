@@ -78,7 +78,7 @@ def synthesise(workdir: Path, n: int, shape: tuple[int, int, int]) -> Path:
         img.header.set_data_dtype(np.int16)
         nib.save(img, path)
     manifest = data / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return manifest
 
 

@@ -33,12 +33,12 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace, out: Path
             "--set", "run.eval_split=null", "--set", f"run.checkpoint_every={10**9}",
             "--set", "run.tensorboard=false", *[x for s in args.set for x in ("--set", s)], *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if res.returncode != 0:
         raise SystemExit(f"{name}: pretrain.py failed:\n{res.stderr[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     # The first step pays one-off costs (allocator, first worker start): report it apart.
-    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     return {"setting": name, "steps": summary["steps"],
             "steps_per_s": summary["steps_per_second"], "crops_per_s": summary["crops_per_second"],
             "data_wait_pct": 100 * summary["data_wait_fraction"],
@@ -71,7 +71,7 @@ def main() -> int:
     print(f"default / baseline throughput: {ratio:.2f}x; data wait with default loader: "
           f"{rows[1]['data_wait_pct']:.1f}% (target < 10%)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return 0
 
 

@@ -68,7 +68,7 @@ def ensure_demo_store(n_studies: int = DEMO_STUDIES, seed: int = 0) -> Path:
     if not (store / "index.json").is_file() or not (root / "manifest.ok").is_file():
         manifest = generate_phantom_dataset(root / "phantom", n_studies=n_studies, seed=seed)
         prepare(manifest, store)
-        (root / "manifest.ok").write_text("ok\n")
+        (root / "manifest.ok").write_text("ok\n", encoding="utf-8")
     return store
 
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                           "run `t3d-data prepare MANIFEST OUT` first")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
     resolved = json.loads(cfg.model_dump_json())
 
     set_seed(cfg.run.seed)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         path = resolve_resume(args.resume, ckpt_root)
         accelerator.load_state(str(path))
-        state.update(json.loads((path / "trainer_state.json").read_text())["state"])
+        state.update(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["state"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state["step"],
                  state["epoch"], state["batch_in_epoch"])
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite,
                       "time": time.perf_counter() - t_start}
             if accelerator.is_main_process:
-                with log_path.open("a") as f:
+                with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
             accelerator.log({k: v for k, v in record.items()
                              if isinstance(v, float) and math.isfinite(v)}, step=state["step"])

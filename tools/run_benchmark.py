@@ -125,7 +125,7 @@ def ensure_store(studies: int, shape: list[int] | None, seed: int = 0) -> Path:
                                             shape=None if shape is None else tuple(shape),
                                             progress=False)
         prepare(manifest, store, progress=False)
-        (root / "ready").write_text("ok\n")
+        (root / "ready").write_text("ok\n", encoding="utf-8")
     return store
 
 
@@ -147,19 +147,19 @@ def pretrain(cfg: dict[str, Any], arm: str, seed: int, store: Path,
     run_dir = Path(cfg["out"]) / "pretrain" / f"{arm}-seed{seed}"
     timing = run_dir / "timing.json"
     if reuse and (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
-        seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
+        seconds = json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else float("nan")
         return run_dir / "model", float(seconds)
     cmd = pretrain_command(cfg, arm, seed, store, run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     print(f"[benchmark] pre-training {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"error: pre-training arm {arm!r} (seed {seed}) failed with exit code "
                          f"{res.returncode}:\n{res.stderr[-3000:]}")
-    timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    timing.write_text(json.dumps({"seconds": seconds}) + "\n", encoding="utf-8")
     return run_dir / "model", seconds
 
 

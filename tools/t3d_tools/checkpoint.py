@@ -30,7 +30,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     if root.is_dir():
         for folder in root.iterdir():
             if folder.is_dir() and (folder / MARKER).is_file() and (folder / STATE).is_file():
-                step = json.loads((folder / STATE).read_text())["step"]
+                step = json.loads((folder / STATE).read_text(encoding="utf-8"))["step"]
                 found.append((int(step), folder))
     return sorted(found)
 
@@ -57,7 +57,7 @@ def resolve_resume(spec: str, root: Path) -> Path:
 def finalize(tmp: Path, root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Main process only: mark ``tmp`` complete, rename it into place, prune old ones."""
     write_json_atomic(tmp / STATE, state)
-    (tmp / MARKER).write_text("ok\n")
+    (tmp / MARKER).write_text("ok\n", encoding="utf-8")
     final = root / f"step-{step:08d}"
     if final.exists():
         shutil.rmtree(final)

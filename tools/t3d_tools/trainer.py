@@ -124,7 +124,7 @@ def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
     """Losses per term at start/end, throughput and the retrieval check; main process only."""
     if not accelerator.is_main_process:
         return {}
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     finite = [r for r in records if not r["skipped"]]
     window = max(1, min(5, len(finite) // 4))
     terms = [k for k in ("loss", "tcl_loss", "tir_loss", "align_loss") if finite and k in finite[0]]

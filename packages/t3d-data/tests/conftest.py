@@ -65,7 +65,7 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
                 row["mask"] = f"mask_{i:03d}.nii.gz"
             rows.append(row)
         manifest = root / "studies.jsonl"
-        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         return manifest
 
     return make

@@ -10,14 +10,14 @@ from t3d_data.cli import main
 
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "t3d_data.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, **kw)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, **kw)
 
 
 def test_help_does_not_import_torch():
     code = ("import sys\nfrom t3d_data.cli import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
             "assert 'zarr' not in sys.modules and 'monai' not in sys.modules\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert res.returncode == 0, res.stderr
     assert "prepare" in res.stdout and "demo" in res.stdout
 
@@ -25,7 +25,7 @@ def test_help_does_not_import_torch():
 def test_bad_input_prints_one_line_and_exits_2(tmp_path):
     bad = tmp_path / "studies.jsonl"
     bad.write_text('{"study_id": "a", "patient_id": "p", "image": "a.nii", "report": " "}\n'
-                   '{"study_id": "b"}\n')
+                   '{"study_id": "b"}\n', encoding="utf-8")
     res = _cli("prepare", bad, tmp_path / "out")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("t3d-data: error: ")
@@ -73,5 +73,5 @@ def test_demo_with_real_phantom(tmp_path):
     store = VolumeStore(tmp_path / "store")
     assert len(store) == 3 and "3 prepared" in res.stdout
     manifest = tmp_path / "phantom" / "manifest.jsonl"
-    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()]
     assert {r["study_id"] for r in rows} == {r.study_id for r in store.records}

@@ -20,8 +20,8 @@ def test_install_into_fresh_venv(tmp_path):
             "from t3d_data import CropDataset, VolumeStore, prepare, collate_crops\n"
             "assert 'monai' not in sys.modules\nprint(t3d_data.__version__)")
     res = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, encoding="utf-8", errors="replace", timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "0.1.0", res.stderr
     res = subprocess.run([str(venv / "bin" / "t3d-data"), "--help"], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, encoding="utf-8", errors="replace", timeout=60)
     assert res.returncode == 0 and "prepare" in res.stdout

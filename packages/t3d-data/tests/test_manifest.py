@@ -5,13 +5,13 @@ from t3d_data import ManifestError, StudyRecord, load_manifest, patient_split
 
 
 def _jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
 def test_jsonl_resolves_paths_and_parses(tmp_path):
     (tmp_path / "a.nii.gz").write_bytes(b"x")
-    (tmp_path / "r.txt").write_text("report")
+    (tmp_path / "r.txt").write_text("report", encoding="utf-8")
     m = _jsonl(tmp_path / "studies.jsonl", [
         {"study_id": "a", "patient_id": "p", "image": "a.nii.gz", "report": "r.txt",
          "split": "train", "labels": {"nodule": 1}},
@@ -52,14 +52,14 @@ def test_csv_labels_json_column_and_line_numbers(tmp_path):
     m.write_text('study_id,patient_id,image,report,split,labels,mask\n'
                  'a,p1,a.nii,"Findings: x",train,"{""nodule"": 1}",\n'
                  'b,p2,b.nii,"Findings: y",,,m.nii\n'
-                 'c,p3,c.nii,"",,"{bad",\n')
+                 'c,p3,c.nii,"",,"{bad",\n', encoding="utf-8")
     with pytest.raises(ManifestError) as exc:
         load_manifest(m, check_files=False)
     assert exc.value.errors == [
         "studies.csv line 4: field 'report': empty text (study 'c')",
         "studies.csv line 4: field 'labels': invalid JSON (Expecting property name enclosed in "
         "double quotes) (study 'c')"]
-    m.write_text(m.read_text().rsplit("c,p3", 1)[0])
+    m.write_text(m.read_text(encoding="utf-8").rsplit("c,p3", 1)[0])
     a, b = load_manifest(m, check_files=False)
     assert a.labels == {"nodule": 1} and b.labels == {} and b.mask == tmp_path / "m.nii"
     assert b.split is None

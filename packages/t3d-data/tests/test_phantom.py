@@ -392,7 +392,7 @@ def test_dataset_manifest_and_determinism(tmp_path):
     m2 = generate_phantom_dataset(tmp_path / "b", n_studies=24, seed=3, shape=SMALL, progress=False)
     assert m1 == tmp_path / "a" / "manifest.jsonl"
     assert m1.read_bytes() == m2.read_bytes()
-    rows = [json.loads(line) for line in m1.read_text().splitlines()]
+    rows = [json.loads(line) for line in m1.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 24 and len({r["study_id"] for r in rows}) == 24
     for r in rows:
         assert list(r) == ["study_id", "patient_id", "image", "report", "split", "labels", "mask"]

@@ -45,15 +45,15 @@ def test_prepare_and_read(tmp_path, make_dataset):
     with pytest.raises(StoreError, match="has no mask"):
         store.read_mask(1)
     # zarr v3 + blosc zstd with shuffle
-    meta = json.loads((tmp_path / "store/studies" / rec.key / "image/zarr.json").read_text())
+    meta = json.loads((tmp_path / "store/studies" / rec.key / "image/zarr.json").read_text(encoding="utf-8"))
     assert meta["zarr_format"] == 3
     blosc = [c for c in meta["codecs"][0]["configuration"]["codecs"] if c["name"] == "blosc"] \
         if meta["codecs"][0]["name"] == "sharding_indexed" else [c for c in meta["codecs"] if c["name"] == "blosc"]
     assert blosc[0]["configuration"]["cname"] == "zstd" and blosc[0]["configuration"]["shuffle"] == "shuffle"
     # rerun: everything skipped; metadata changes are picked up without rewriting
-    lines = manifest.read_text().splitlines()
+    lines = manifest.read_text(encoding="utf-8").splitlines()
     lines[1] = lines[1].replace('"report": "Nodule."', '"report": "Mass."')
-    manifest.write_text("\n".join(lines[:3]) + "\n")  # also drops study 3
+    manifest.write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")  # also drops study 3
     again = prepare(manifest, tmp_path / "store", chunk=16, progress=False)
     assert (again.prepared, again.skipped) == (0, 3)
     store = VolumeStore(tmp_path / "store")
@@ -74,20 +74,20 @@ def test_quarantine_and_abort_threshold(tmp_path, make_dataset, caplog):
     summary = prepare(manifest, tmp_path / "s1", max_bad_fraction=0.1, progress=False)
     assert (summary.prepared, summary.quarantined) == (9, 1)
     assert "quarantined study 'ct_003'" in caplog.text
-    (q,) = [json.loads(x) for x in (tmp_path / "s1/quarantine.jsonl").read_text().splitlines()]
+    (q,) = [json.loads(x) for x in (tmp_path / "s1/quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
     assert q["study_id"] == "ct_003" and "truncated" in q["reason"]
     assert "ct_003" not in {r.study_id for r in VolumeStore(tmp_path / "s1").records}
     # a second bad study passes the 10% threshold -> abort, good studies kept in the index
     (data / "report_7.txt").write_bytes(b"  ")
-    lines = manifest.read_text().splitlines()
+    lines = manifest.read_text(encoding="utf-8").splitlines()
     lines[7] = lines[7].replace('"report": "Findings:  case 1.\\n\\nImpression: ok"', '"report": "report_7.txt"')
-    manifest.write_text("\n".join(lines) + "\n")
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(PrepareAborted, match="2 of 10 studies are bad") as exc:
         prepare(manifest, tmp_path / "s2", max_bad_fraction=0.1, progress=False)
     assert exc.value.quarantined == 2 and exc.value.prepared == 6
     assert len(VolumeStore(tmp_path / "s2")) == 6
     with pytest.raises(ManifestError):  # manifest errors stop before writing anything
-        (data / "bad.jsonl").write_text('{"study_id": "x"}\n')
+        (data / "bad.jsonl").write_text('{"study_id": "x"}\n', encoding="utf-8")
         prepare(data / "bad.jsonl", tmp_path / "s3", progress=False)
     assert not (tmp_path / "s3").exists()
 
@@ -102,7 +102,7 @@ def test_prepare_resumes_after_sigkill(tmp_path, make_dataset):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             index = out / "index.json"
-            if index.exists() and len(json.loads(index.read_text())["studies"]) >= 2:
+            if index.exists() and len(json.loads(index.read_text(encoding="utf-8"))["studies"]) >= 2:
                 break
             assert proc.poll() is None, "prepare finished before it could be killed"
             time.sleep(0.05)
@@ -110,7 +110,7 @@ def test_prepare_resumes_after_sigkill(tmp_path, make_dataset):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = json.loads((out / "index.json").read_text())["studies"]
+    done = json.loads((out / "index.json").read_text(encoding="utf-8"))["studies"]
     assert 2 <= len(done) < 6
     for entry in done:  # everything the index names is complete
         assert (out / "studies" / entry["key"] / "image" / "zarr.json").exists()

@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def test_two_process_gloo_gather_drops_padded_tail(tmp_path: Path):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER, encoding="utf-8")
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",

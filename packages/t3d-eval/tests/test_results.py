@@ -20,12 +20,12 @@ def test_json_round_trip_and_markdown(tmp_path: Path):
         "n_studies": 12,
     }
     json_path, md_path = write_results(results, tmp_path / "out", "eval")
-    json.loads(json_path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    json.loads(json_path.read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
     back = read_results(json_path)
     assert math.isnan(back["zero_shot"]["effusion"])
     back["zero_shot"]["effusion"] = results["zero_shot"]["effusion"] = None
     assert back == results and isinstance(back["segmentation"]["liver"], MeanStd)
-    md = md_path.read_text()
+    md = md_path.read_text(encoding="utf-8")
     assert "| retrieval/v2r_recall@1 | 0.2500 |" in md
     assert "| zero_shot/skipped | effusion |" in md
     assert "| segmentation/liver | 0.9000 ± 0.0100 |" in md
@@ -34,7 +34,7 @@ def test_json_round_trip_and_markdown(tmp_path: Path):
 def test_markdown_one_column_per_run(tmp_path: Path):
     runs = {"t3d": {"dice": {"liver": 0.9}}, "scratch": {"dice": {"liver": 0.8}}}
     _, md = write_results(runs, tmp_path, "seg")
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert "| metric | t3d | scratch |" in text and "| dice/liver | 0.9000 | 0.8000 |" in text
 
 

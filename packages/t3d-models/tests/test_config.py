@@ -13,7 +13,7 @@ def test_list_presets_does_not_import_monai_or_transformers():
         "tm.T3DModelConfig.from_preset(names[0]); "
         "print(sorted(names), 'monai' in sys.modules, 'transformers' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert out.stdout.strip() == "['t3d-base', 't3d-tiny-cpu'] False False"
 
 

@@ -11,7 +11,7 @@ from t3d_models.io import check_state_dict
 def test_layout_and_no_temp_files(tiny_ckpt):
     assert sorted(os.listdir(tiny_ckpt)) == ["config.json", "model.safetensors", "text_encoder"]
     assert "tokenizer.json" in os.listdir(tiny_ckpt / "text_encoder")
-    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    cfg = json.loads((tiny_ckpt / "config.json").read_text(encoding="utf-8"))
     assert cfg["name"] == "t3d-tiny-cpu" and cfg["text"]["model_name_or_path"] == "minilm"
     keys = load_file(tiny_ckpt / "model.safetensors").keys()
     assert any(k.startswith("text.model.encoder.layer.5.") for k in keys)  # self-contained

@@ -24,5 +24,5 @@ def test_imports_without_monai_or_transformers():
         "bad = sorted(m for m in ('monai', 'transformers', 'pydantic', 't3d_models', 't3d_data') "
         "if m in sys.modules); print(bad); sys.exit(1 if bad else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -407,7 +407,7 @@ class VolumeStore:
             layout = None
             try:
                 meta = json.loads((self.path / STUDIES_DIR / self.records[i].key / name
-                                   / "zarr.json").read_text())
+                                   / "zarr.json").read_text(encoding="utf-8"))
                 codecs = [c["name"] for c in meta["codecs"]]
                 if (codecs == ["bytes", "blosc"]
                         and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
