@@ -131,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_root = run_dir / "checkpoints"
 
     if str(cfg.data.store) == "<demo>":
-        with accelerator.main_process_first():
-            store = ensure_demo_store(seed=cfg.run.seed) if accelerator.is_main_process else None
-        cfg.data.store = store or ensure_demo_store(seed=cfg.run.seed)
+        with accelerator.main_process_first():  # the main process builds; the others find the cache
+            cfg.data.store = ensure_demo_store(seed=cfg.run.seed)
     if not (Path(cfg.data.store) / "index.json").is_file():
         raise ConfigError(f"data.store: {cfg.data.store} is not a prepared store (no index.json); "
                           "run `t3d-data prepare MANIFEST OUT` first")
