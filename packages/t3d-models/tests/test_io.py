@@ -51,14 +51,14 @@ def test_refuses_missing_unexpected_and_mismatched_keys(tiny_ckpt, tmp_path):
     state = load_file(bad / "model.safetensors")
     state.pop("proj_t.0.bias")
     state["proj_t.extra"] = torch.zeros(3)
-    state["proj_v.2.weight"] = torch.zeros(5, 5)
+    state["proj_v.3.weight"] = torch.zeros(5, 5)
     save_file(state, bad / "model.safetensors")
     with pytest.raises(ValueError) as err:
         T3DModel.from_pretrained(bad)
     msg = str(err.value)
     assert "missing keys (1): proj_t.0.bias" in msg
     assert "unexpected keys (1): proj_t.extra" in msg
-    assert "proj_v.2.weight: checkpoint (5, 5) vs model (128, 192)" in msg
+    assert "proj_v.3.weight: checkpoint (5, 5) vs model (128, 192)" in msg
 
 
 def test_check_state_dict_ok_and_missing_files(tmp_path):

@@ -34,9 +34,35 @@ def test_output_keys_and_shapes(tiny_model, tiny_batch, tiny_out, tiny_plain_out
     assert torch.equal(out["text_emb"], tiny_plain_out["text_emb"])
 
 
-def test_encoder_runs_once_on_corrupted(tiny_out, tiny_batch):
+def test_encoder_sees_corrupted_then_clean_crops(tiny_out, tiny_batch):
+    # default contrastive_input="clean": restoration from the corrupted crops, embeddings from
+    # the clean ones (a second, skip-less encoder pass)
     _, seen = tiny_out
+    assert len(seen) == 2
+    assert torch.equal(seen[0], tiny_batch["corrupted"]) and torch.equal(seen[1], tiny_batch["crops"])
+
+
+def test_contrastive_input_selects_the_embedded_crops(tiny_model, tiny_batch, tiny_out):
+    out, _ = tiny_out
+    with torch.no_grad():
+        clean = tiny_model.encode_volume_crops(tiny_batch["crops"])
+        corrupted = tiny_model.encode_volume_crops(tiny_batch["corrupted"])
+    torch.testing.assert_close(out["visual_emb"], clean, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out["visual_emb"], corrupted, atol=1e-3)
+    tiny_model.config.contrastive_input = "corrupted"
+    seen = []
+    hook = tiny_model.vision.swin.swinViT.register_forward_hook(
+        lambda mod, args, o: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            shared = tiny_model(**tiny_batch)
+    finally:
+        hook.remove()
+        tiny_model.config.contrastive_input = "clean"
     assert len(seen) == 1 and torch.equal(seen[0], tiny_batch["corrupted"])
+    torch.testing.assert_close(shared["visual_emb"], corrupted, rtol=1e-4, atol=1e-5)
+    # the restoration is the same either way
+    torch.testing.assert_close(shared["restored"], out["restored"])
 
 
 def test_padding_changes_nothing(tiny_model, tiny_batch, tiny_plain_out):
@@ -123,11 +149,12 @@ def test_restoration_false_ablation(tiny_batch):
 def test_train_step_gives_grads_everywhere(tiny_model, tiny_batch):
     model = T3DModel(tiny_model.config, text_source=tiny_model.text.name_or_path).train()
     model.load_state_dict(tiny_model.state_dict())
-    b = dict(tiny_batch, crops=tiny_batch["crops"][:1], corrupted=tiny_batch["corrupted"][:1],
-             corruption_mask=None, study_index=torch.tensor([0]), group=torch.tensor([0]),
+    # two crops of one study: the BatchNorm heads need >= 2 rows in training mode
+    b = dict(tiny_batch, crops=tiny_batch["crops"][:2], corrupted=tiny_batch["corrupted"][:2],
+             corruption_mask=None, study_index=torch.tensor([0, 0]), group=torch.tensor([0]),
              input_ids=tiny_batch["input_ids"][:1], attention_mask=tiny_batch["attention_mask"][:1])
     out = model(**b)
-    assert out["corruption_mask"].shape == (1, 1, 64, 64, 64)
+    assert out["corruption_mask"].shape == (2, 1, 64, 64, 64)
     loss = sum(v.float().mean() for v in out.values() if v.is_floating_point())
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

@@ -16,7 +16,7 @@ from .config import (  # noqa: E402
     load_preset,
 )
 from .export import build_monai_swinunetr, export_swinunetr, swinunetr_kwargs  # noqa: E402
-from .heads import ProjectionHead  # noqa: E402
+from .heads import HEAD_KINDS, GlobalBatchNorm1d, ProjectionHead  # noqa: E402
 from .interactor import Interactor  # noqa: E402
 from .io import load_pretrained, save_pretrained  # noqa: E402
 from .model import T3DModel  # noqa: E402
@@ -24,7 +24,9 @@ from .text import MINILM, HFTextEncoder, masked_mean, resolve_text_model  # noqa
 from .vision import SwinUNETRBackbone, VisionFeatures, check_crop_size  # noqa: E402
 
 __all__ = [
+    "HEAD_KINDS",
     "MINILM",
+    "GlobalBatchNorm1d",
     "HFTextEncoder",
     "Interactor",
     "InteractorConfig",

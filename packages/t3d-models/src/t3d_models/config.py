@@ -136,7 +136,15 @@ class T3DModelConfig(_Strict):
         text: Hugging Face text tower.
         interactor: cross-modal interactor.
         embed_dim: shared embedding dimension E of ``proj_v``, ``proj_x``, ``proj_t``.
-        head: ``"mlp"`` (Linear-GELU-Linear) or ``"linear"`` projection heads.
+        head: crop heads ``proj_v`` and ``proj_x``: ``"bn_mlp"`` (Linear-BN-ReLU-Linear-BN,
+            the default: plain heads let the crop embedding collapse to a constant, see
+            docs/pretraining.md), ``"mlp"`` (Linear-GELU-Linear) or ``"linear"``.
+        text_head: report head ``proj_t`` (same choices; default ``"mlp"``: it sees only B
+            reports per process, too few for batch statistics).
+        contrastive_input: which crops the TCL/alignment embeddings are computed from when
+            corrupted crops are given: ``"clean"`` (default; evaluation embeds clean crops, so
+            training does too, at one extra encoder pass) or ``"corrupted"`` (one encoder pass
+            shared with restoration).
         restoration: build the TIR restoration decoder (``False`` for ablations).
     """
 
@@ -145,7 +153,9 @@ class T3DModelConfig(_Strict):
     text: TextConfig = Field(default_factory=TextConfig)
     interactor: InteractorConfig = Field(default_factory=InteractorConfig)
     embed_dim: int = Field(default=256, gt=0)
-    head: Literal["mlp", "linear"] = "mlp"
+    head: Literal["bn_mlp", "bn_hidden_mlp", "mlp", "linear"] = "bn_mlp"
+    text_head: Literal["bn_mlp", "bn_hidden_mlp", "mlp", "linear"] = "mlp"
+    contrastive_input: Literal["clean", "corrupted"] = "clean"
     restoration: bool = True
 
     @classmethod

@@ -96,7 +96,7 @@ class T3DModel(nn.Module):
         e = config.embed_dim
         self.proj_v = ProjectionHead(cv, e, config.head)
         self.proj_x = ProjectionHead(ic.width, e, config.head)
-        self.proj_t = ProjectionHead(self.text.width, e, config.head)
+        self.proj_t = ProjectionHead(self.text.width, e, config.text_head)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -167,7 +167,10 @@ class T3DModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Embeddings for TCL/alignment and, with ``corrupted``, the TIR restoration.
 
-        The encoder runs once per crop: on ``corrupted`` when given, else on ``crops``.
+        Without ``corrupted`` the encoder runs once, on ``crops``. With ``corrupted`` it runs on
+        the corrupted crops for the restoration and, when ``config.contrastive_input`` is
+        ``"clean"`` (the default), a second time on the clean ``crops`` (no decoder skips) for
+        the embeddings, so training embeds the same kind of input as evaluation.
 
         Args:
             crops: ``(N, 1, D, H, W)`` float crops in [0, 1]; spatial sizes multiples of 32.
@@ -197,12 +200,16 @@ class T3DModel(nn.Module):
         restore = corrupted is not None
         feats = self.vision.encode(corrupted if restore else crops, skips=restore)
         tokens, grid = self.vision.tokens(feats)
-        visual_emb = self.proj_v(tokens.mean(1))
-
         text_tokens, text_mask, text_pooled = self.text(input_ids, attention_mask)
         text_emb = self.proj_t(text_pooled)
         informed = self.interactor(tokens, text_tokens, text_mask, study_index)
-        text_informed_emb = self.proj_x(informed.mean(1))
+
+        clean_tokens, clean_informed = tokens, informed
+        if restore and self.config.contrastive_input == "clean":
+            clean_tokens, _ = self.vision.tokens(self.vision.encode(crops, skips=False))
+            clean_informed = self.interactor(clean_tokens, text_tokens, text_mask, study_index)
+        visual_emb = self.proj_v(clean_tokens.mean(1))
+        text_informed_emb = self.proj_x(clean_informed.mean(1))
 
         out = {
             "visual_emb": visual_emb,
@@ -218,6 +225,45 @@ class T3DModel(nn.Module):
                 corruption_mask = torch.ones_like(crops, dtype=torch.bool)
             out.update(restored=restored, target=crops, corruption_mask=corruption_mask)
         return out
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float, weight_decay: float = 0.05, vision_lr_mult: float = 0.1,
+                     text_lr_mult: float = 0.1, extra: nn.Module | None = None) -> list[dict]:
+        """AdamW parameter groups: the pre-trained or deep towers learn slower than the heads.
+
+        The SwinUNETR *encoder* (``vision.swin`` minus the restoration decoder) gets
+        ``lr * vision_lr_mult`` and the text encoder ``lr * text_lr_mult``; the projection
+        heads, the interactor, the restoration decoder and the parameters of ``extra`` (e.g.
+        the objective's learnable temperatures) get ``lr``. At one learning rate the encoder
+        updates drive the crop embedding to a constant within ~10 steps (docs/pretraining.md).
+        Biases, norm weights and temperatures get no weight decay. Frozen parameters are left
+        out. Each group carries its ``lr`` (schedulers such as ``LambdaLR`` scale it) and a
+        ``name``; empty groups are dropped.
+
+        >>> model = T3DModel.from_preset("t3d-tiny-cpu")
+        >>> groups = model.param_groups(lr=1e-3)
+        >>> sorted({(g["name"].split("/")[0], round(g["lr"], 8)) for g in groups})
+        [('heads', 0.001), ('text', 0.0001), ('vision', 0.0001)]
+        """
+        from .vision import ENCODER_MODULES
+
+        encoder = tuple(f"vision.swin.{m}." for m in ENCODER_MODULES)
+        named = [(n, p) for n, p in self.named_parameters()]
+        if extra is not None:
+            named += [(f"extra.{n}", p) for n, p in extra.named_parameters()]
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in named:
+            if not p.requires_grad:
+                continue
+            tower = ("vision" if name.startswith(encoder) else
+                     "text" if name.startswith("text.") else "heads")
+            decay = p.ndim >= 2 and "logit" not in name and not name.endswith(".bias")
+            groups.setdefault((tower, decay), []).append(p)
+        mult = {"vision": vision_lr_mult, "text": text_lr_mult, "heads": 1.0}
+        return [{"params": params, "lr": lr * mult[tower],
+                 "weight_decay": weight_decay if decay else 0.0,
+                 "name": f"{tower}/{'decay' if decay else 'no_decay'}"}
+                for (tower, decay), params in sorted(groups.items())]
 
     # ------------------------------------------------------------------ evaluation
     def encode_volume_crops(
