@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1]
-MODULES = ["distributed", "contrastive", "alignment", "restoration", "corruptions", "objective"]
+MODULES = ["distributed", "contrastive", "alignment", "restoration", "corruptions", "objective",
+           "monitor"]
 
 
 @pytest.mark.parametrize("name", MODULES)

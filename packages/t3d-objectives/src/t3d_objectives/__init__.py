@@ -8,6 +8,7 @@ from .alignment import AlignmentLoss, SigmoidAlignmentLoss
 from .contrastive import TextInformedContrastiveLoss
 from .corruptions import CropCorruption
 from .distributed import gather_with_grad, rank, world_size
+from .monitor import embedding_spread, is_collapsed
 from .objective import PRESETS, ObjectiveConfig, T3DObjective
 from .restoration import RestorationLoss
 
@@ -21,7 +22,9 @@ __all__ = [
     "SigmoidAlignmentLoss",
     "T3DObjective",
     "TextInformedContrastiveLoss",
+    "embedding_spread",
     "gather_with_grad",
+    "is_collapsed",
     "rank",
     "world_size",
 ]

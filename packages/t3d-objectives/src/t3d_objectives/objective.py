@@ -34,12 +34,12 @@ class ObjectiveConfig:
     w_tcl: float = 1.0
     w_tir: float = 1.0
     w_align: float = 1.0
-    temperature: float = 0.07
+    temperature: float = 0.2
     learnable_temperature: bool = True
     gather_distributed: bool = False
     tcl_symmetric: bool = False
     align_kind: str = "infonce"
-    align_temperature: float = 0.07
+    align_temperature: float = 0.2
     sigmoid_scale: float = 10.0
     sigmoid_bias: float = -10.0
     restoration_kind: str = "l1"
@@ -65,7 +65,10 @@ class T3DObjective(nn.Module):
 
     Args:
         w_tcl, w_tir, w_align: term weights (≥ 0, finite).
-        temperature: initial TCL temperature; ``align_temperature``: initial alignment one.
+        temperature: initial TCL temperature; ``align_temperature``: initial alignment one
+            (both 0.2, MoCo v3's value for BatchNorm projection heads: with the 8-crop batches
+            of the CPU presets, 0.07 made the losses noisy and slower to fall; see
+            docs/pretraining.md. The loss classes alone keep CLIP's 0.07).
         learnable_temperature: learn both InfoNCE temperatures (and the sigmoid scale/bias).
         gather_distributed: draw negatives from every rank (TCL and alignment).
         tcl_symmetric: see :class:`TextInformedContrastiveLoss` ``symmetric``.
@@ -97,12 +100,12 @@ class T3DObjective(nn.Module):
         w_tcl: float = 1.0,
         w_tir: float = 1.0,
         w_align: float = 1.0,
-        temperature: float = 0.07,
+        temperature: float = 0.2,
         learnable_temperature: bool = True,
         gather_distributed: bool = False,
         tcl_symmetric: bool = False,
         align_kind: str = "infonce",
-        align_temperature: float = 0.07,
+        align_temperature: float = 0.2,
         sigmoid_scale: float = 10.0,
         sigmoid_bias: float = -10.0,
         restoration_kind: str = "l1",
