@@ -91,6 +91,19 @@ def test_dataset_items_and_collate(store):
     assert not torch.equal(ds[0]["crops"], item["crops"])
 
 
+def test_max_studies_keeps_the_first_studies_of_the_split(store):
+    full = CropDataset(store, CropConfig(crop_size=(32, 32, 32), num_crops=1))
+    two = CropDataset(store, CropConfig(crop_size=(32, 32, 32), num_crops=1), max_studies=2)
+    assert len(full) > 2 and len(two) == 2 and two.indices == full.indices[:2]
+    assert torch.equal(two[1]["crops"], full[1]["crops"])
+    assert len(CropDataset(store, max_studies=100)) == len(full)
+    with pytest.raises(ValueError, match="max_studies must be >= 1"):
+        CropDataset(store, max_studies=0)
+    loader = build_crop_loader(DataConfig(store=store, split=None, max_studies=2, batch_size=1,
+                                          num_workers=0, crop=CropConfig(crop_size=(32, 32, 32))))
+    assert len(loader) == 2
+
+
 def test_crops_identical_across_worker_counts(store):
     cfg = DataConfig(store=store, split=None, crop=CropConfig(crop_size=(32, 32, 32), num_crops=2, seed=7),
                      batch_size=2, num_workers=0, drop_last=False)

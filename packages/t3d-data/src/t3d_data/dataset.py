@@ -34,6 +34,8 @@ class CropDataset(Dataset):
         store: a :class:`VolumeStore` or its folder.
         crop_config: crop settings (default :class:`CropConfig`).
         split: ``"train"``/``"val"``/``"test"``, or ``None`` for all studies.
+        max_studies: keep only the first N studies of the split (store order), e.g. for a
+            quick demo or an overfitting check; ``None`` keeps all.
 
     Call :meth:`set_epoch` before each epoch; with DataLoader workers use
     ``persistent_workers=False`` (the default) so that workers see the new epoch.
@@ -46,12 +48,16 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, store: VolumeStore | str | Path, crop_config: CropConfig | None = None,
-                 split: str | None = None):
+                 split: str | None = None, max_studies: int | None = None):
         self.store = _open(store)
         self.config = crop_config or CropConfig()
         self.sampler = RandCropSampler.from_config(self.config)
         self.split = split
         self.indices = self.store.indices(split)
+        if max_studies is not None:
+            if max_studies < 1:
+                raise ValueError(f"max_studies must be >= 1 or None; got {max_studies}")
+            self.indices = self.indices[:max_studies]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,6 +161,8 @@ class DataConfig(BaseModel):
     Attributes:
         store: prepared store folder.
         split: split to train on (``None``: all studies).
+        max_studies: train on the first N studies of the split only (``None``: all); for quick
+            demos and overfitting checks.
         crop: crop settings.
         batch_size: studies per batch (B); crops per batch are B·K.
         num_workers: DataLoader worker processes.
@@ -168,6 +176,7 @@ class DataConfig(BaseModel):
 
     store: Path
     split: str | None = "train"
+    max_studies: int | None = Field(None, ge=1)
     crop: CropConfig = CropConfig()
     batch_size: int = Field(2, ge=1)
     num_workers: int = Field(2, ge=0)
@@ -182,7 +191,7 @@ def build_crop_loader(config: DataConfig, epoch: int = 0) -> DataLoader:
 
     Study order and crops are reproducible from ``(config.crop.seed, epoch)``.
     """
-    dataset = CropDataset(config.store, config.crop, split=config.split)
+    dataset = CropDataset(config.store, config.crop, split=config.split, max_studies=config.max_studies)
     dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(config.crop.seed * 1_000_003 + epoch)
     return DataLoader(
