@@ -1,14 +1,17 @@
 """Integration tests of the evaluation scripts, run as subprocesses as a user would.
 
 One smoke benchmark (tools/run_benchmark.py --preset smoke: one pre-training step of the T3D arm,
-the no-pre-training arm, retrieval/twins/zero-shot, linear probe, a 1-step segmentation fine-tune
-with Dice and an overlay) and tools/evaluate.py on the checkpoint it produced. They check that the
-pipeline runs end to end and writes what it promises, not that anything is learned.
+the no-pre-training arm, held-out pretext losses, retrieval/twins/zero-shot, linear probe, a
+1-step segmentation fine-tune with Dice and an overlay, bootstrap intervals), its ``--reuse``
+rerun, and tools/evaluate.py on the checkpoint it produced. They check that the pipeline runs end
+to end and writes what it promises, not that anything is learned.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +71,93 @@ def test_smoke_benchmark_writes_results(smoke):
     assert "| metric | t3d | none |" in md and "| linear-probe macro AUC |" in md
     assert "Comparisons, as measured by this run:" in md
     assert "--results-md" not in md
+    # held-out pretext losses, per-study values, bootstrap intervals and their table
+    for arm in ("t3d", "none"):
+        run = json.loads((out / "runs" / f"{arm}-seed0.json").read_text(encoding="utf-8"))
+        for name in ("trained", "fixed"):
+            pre = run["pretext"][name]
+            assert pre["chance"] == {"tcl_loss": math.log(3), "align_loss": math.log(2)}
+            assert pre["batches"] >= 1 and pre["crops_per_batch"] == 4
+            assert math.isfinite(pre["tcl_loss"]) and math.isfinite(pre["align_loss"])
+        assert run["pretext"]["temperature"]["tcl_trained_source"] == (
+            "checkpoint" if arm == "t3d" else "initial value")
+        per = json.loads((out / "runs" / f"{arm}-seed0.per_study.json").read_text(encoding="utf-8"))
+        assert set(per) == {"retrieval", "probe", "dice", "pretext"}
+        assert len(per["retrieval"]["v2r_rank"]) == run["test_studies"]
+        assert len(per["probe"]["probs"]) == run["test_studies"]
+        assert len(per["dice"]["dice"]) == run["seg_test_studies"]
+        assert "per_study" not in run
+    intervals = json.loads((out / "intervals.json").read_text(encoding="utf-8"))
+    assert set(intervals["arms"]) == {"t3d", "none"}
+    for arm in ("t3d", "none"):
+        for key in ("pretext_trained/tcl_loss", "pretext_fixed/align_loss", "v2r_recall@5",
+                    "linear_probe_auc", "dice"):
+            row = intervals["arms"][arm][key]
+            assert row["low"] <= row["estimate"] + 1e-9 and row["estimate"] <= row["high"] + 1e-9
+    assert set(intervals["difference_vs_none"]["t3d"]) >= {"v2r_recall@5", "dice"}
+    assert intervals["chance"]["pretext_trained/tcl_loss"] == pytest.approx(math.log(3))
+    assert "95% intervals (percentile bootstrap" in md
+    assert "| measure | units | chance | t3d | none |" in md
+    assert "| held-out TCL loss, trained τ ↓ |" in md and "log 3 = 1.099" in md
+    assert "- t3d vs none, v2r R@5:" in md and "paired difference" in md
+
+
+@pytest.mark.slow
+def test_reuse_skips_finished_runs_and_scores(smoke):
+    before = (smoke["out"] / "intervals.json").read_text(encoding="utf-8")
+    res = _run("run_benchmark.py", ["--preset", "smoke", "--out", str(smoke["out"]),
+                                    "--results-md", "none", "--reuse"], smoke["cache"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "reusing the scores of t3d-seed0" in res.stdout
+    assert "reusing the scores of none-seed0" in res.stdout
+    assert "[benchmark] pre-training" not in res.stdout
+    assert "[benchmark] downstream" not in res.stdout
+    assert (smoke["out"] / "intervals.json").read_text(encoding="utf-8") == before
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("run_benchmark_under_test",
+                                                  TOOLS / "run_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interval_verdicts_and_recall_chance():
+    rb = _benchmark_module()
+    a = {"estimate": 0.8, "low": 0.7, "high": 0.9}
+    b = {"estimate": 0.6, "low": 0.5, "high": 0.65}
+    c = {"estimate": 0.75, "low": 0.6, "high": 0.85}
+    assert rb.verdict(a, b, True, 50) == "higher with non-overlapping intervals"
+    assert rb.verdict(a, c, True, 50) == "higher, overlapping intervals: not evidence"
+    assert rb.verdict(b, a, True, 50) == "NOT higher"
+    assert rb.verdict(b, a, False, 50) == "lower with non-overlapping intervals"
+    assert rb.verdict(a, b, True, 3).startswith("only 3 test unit(s): no verdict")
+    assert rb.chance_verdict({"estimate": 1.5, "low": 1.4, "high": 1.6}, math.log(7), 17) == (
+        "below chance (the interval excludes chance)")
+    assert rb.chance_verdict({"estimate": 1.9, "low": 1.8, "high": 2.0}, math.log(7), 17) == (
+        "below chance, but the interval includes chance: not evidence")
+    assert rb.chance_verdict({"estimate": 2.0, "low": 1.9, "high": 2.1}, math.log(7), 17) == (
+        "NOT below chance")
+    # unique reports: R@k chance is k / n; a shared report raises it
+    assert rb.recall_chance(list(range(10)), 5) == pytest.approx(0.5)
+    assert rb.recall_chance([0, 0] + list(range(1, 9)), 5) > 0.5
+    assert rb.recall_chance([0, 1, 2], 5) == 1.0
+
+
+def test_evidence_presets_meet_the_issue_sizes():
+    from t3d_data.phantom.dataset import patient_plan
+
+    rb = _benchmark_module()
+    for name in ("cpu-evidence", "gpu-evidence"):
+        p = rb.PRESETS[name]
+        splits = [s for _, s in patient_plan(p["studies"], 0)]
+        assert splits.count("train") >= 200 and splits.count("test") >= 64, name
+        assert {"t3d", "none"} <= set(p["arms"]) and len(p["seeds"]) >= 2
+        assert p["seg_fraction"] == 0.1
+    cpu = rb.PRESETS["cpu-evidence"]
+    assert (cpu["steps"], cpu["batch_size"], cpu["num_crops"], cpu["lr"]) == (60, 4, 2, 1e-3)
+    assert cpu["shape"] == [96, 96, 64] and cpu["threads"] == 2
 
 
 @pytest.mark.slow

@@ -79,8 +79,13 @@ def embed_split(model: Any, dataset: Any, indices: list[int], cfg: EvaluateConfi
 
 
 def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
-             write: bool = True) -> dict[str, Any]:
-    """Run the evaluation; ``model`` (a T3DModel) skips loading ``cfg.model``."""
+             write: bool = True, per_study: bool = False) -> dict[str, Any]:
+    """Run the evaluation; ``model`` (a T3DModel) skips loading ``cfg.model``.
+
+    ``per_study=True`` adds ``"per_study": {"study_ids", "group", "v2r_rank", "r2v_rank"}``
+    (report group id and the 1-based rank of each study's best correct answer, as in
+    ``retrieval_metrics``), e.g. for a bootstrap over test studies.
+    """
     import t3d_eval as ev
     import torch
     from t3d_data import VolumeDataset
@@ -125,6 +130,13 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
         "studies": len(order),
         "retrieval": ev.retrieval_metrics(emb["volume_emb"], report_emb, groups=reports),
     }
+    if per_study:
+        sim = ev.cosine_similarity_matrix(emb["volume_emb"], report_emb)
+        g = ev.group_ids(reports, len(reports))
+        relevant = g[:, None] == g[None, :]
+        results["per_study"] = {"study_ids": study_ids, "group": g.tolist(),
+                                "v2r_rank": ev.retrieval_ranks(sim, relevant).tolist(),
+                                "r2v_rank": ev.retrieval_ranks(sim.T, relevant.T).tolist()}
     if sidecar_path is not None and cfg.twins_per_study > 0:
         rows, texts, attrs = twin_reports(study_ids, read_sidecar(sidecar_path),
                                           cfg.twins_per_study, cfg.runtime.seed)

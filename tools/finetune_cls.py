@@ -97,8 +97,14 @@ def random_crop_batches(dataset: Any, indices: list[int], crop_size: tuple[int, 
             for k in range(0, len(order), batch_size)]
 
 
-def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True) -> dict[str, Any]:
-    """Linear probe (or full fine-tune) AUC; ``model`` (a T3DModel) skips loading ``cfg.model``."""
+def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
+             per_study: bool = False) -> dict[str, Any]:
+    """Linear probe (or full fine-tune) AUC; ``model`` (a T3DModel) skips loading ``cfg.model``.
+
+    ``per_study=True`` adds ``"per_study": {"study_ids", "probs", "labels", "untrainable"}``:
+    the test probabilities ``(M, F)`` and labels (NaN = unknown) in test-study order, and the
+    findings left out for a single class in the training labels (e.g. for a bootstrap).
+    """
     import t3d_eval as ev
     import torch
     from t3d_data import VolumeDataset
@@ -123,9 +129,11 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True) -> dict
     if not cfg.full:
         xtr, ytr = volume_features(encoder, train, tr_idx, cfg, crop_size)
         xte, yte = volume_features(encoder, test, te_idx, cfg, crop_size)
-        results["linear_probe_auc"] = ev.linear_probe(xtr, ytr, xte, yte, names, C=cfg.probe.C,
-                                                      max_iter=cfg.probe.max_iter,
-                                                      seed=cfg.runtime.seed)
+        probs, untrainable = ev.linear_probe_scores(xtr, ytr, xte, names, C=cfg.probe.C,
+                                                    max_iter=cfg.probe.max_iter,
+                                                    seed=cfg.runtime.seed)
+        results["linear_probe_auc"] = ev.multilabel_auc(torch.from_numpy(probs), yte, names,
+                                                        skip=untrainable)
     else:
         ft = cfg.finetune
         batches = random_crop_batches(train, tr_idx, crop_size, ft.crops_per_study,
@@ -134,8 +142,14 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True) -> dict
                                              epochs=ft.epochs, lr=ft.lr, head_lr=ft.head_lr,
                                              seed=cfg.runtime.seed, device=device)
         logits, yte = volume_features(clf, test, te_idx, cfg, crop_size)  # mean logit per study
-        results["finetune_auc"] = ev.multilabel_auc(torch.sigmoid(logits), yte, names)
+        probs, untrainable = torch.sigmoid(logits).numpy(), []
+        results["finetune_auc"] = ev.multilabel_auc(probs, yte, names)
         results["finetune_final_loss"] = losses[-1]
+    if per_study:
+        results["per_study"] = {"study_ids": [test.store.records[test.indices[i]].study_id
+                                              for i in te_idx],
+                                "probs": probs.tolist(), "labels": yte.tolist(),
+                                "untrainable": untrainable}
     results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
                          "features": cfg.features, "full": cfg.full}
     if write:

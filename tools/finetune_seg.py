@@ -73,8 +73,13 @@ def build_network(cfg: SegmentationConfig, num_classes: int, source: Any = None)
     return build_monai_swinunetr(src, out_channels=num_classes), config
 
 
-def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True) -> dict[str, Any]:
-    """Fine-tune and evaluate; ``source`` (a T3DModel) replaces ``cfg.model.checkpoint``."""
+def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
+            per_study: bool = False) -> dict[str, Any]:
+    """Fine-tune and evaluate; ``source`` (a T3DModel) replaces ``cfg.model.checkpoint``.
+
+    ``per_study=True`` adds ``"per_study": {"study_ids", "dice"}``: each test study's Dice per
+    class (NaN where the class is absent from its label), e.g. for a bootstrap.
+    """
     import t3d_eval as ev
     import torch
     from t3d_tools.config import ConfigError
@@ -100,7 +105,8 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True) -> 
     names = list(cfg.classes)
     dice = ev.evaluate_segmentation(net, test, roi, num_classes, class_names=names,
                                     sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap,
-                                    device=device)
+                                    device=device, per_study=per_study)
+    rows = dice.pop("per_study", None)
     results: dict[str, Any] = {
         "dice": dice,
         "train_studies_used": len(ev.label_fraction_subset(train, cfg.label_fraction,
@@ -111,6 +117,8 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True) -> 
         "final_loss": losses[-1],
         "init": "scratch" if cfg.scratch else "t3d",
     }
+    if per_study:
+        results["per_study"] = {"study_ids": [s["study_id"] for s in test], "dice": rows}
     overlays = []
     if write:
         for s in test[: cfg.overlays]:

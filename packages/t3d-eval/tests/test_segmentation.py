@@ -10,6 +10,8 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 from t3d_eval import (
+    bootstrap_ci,
+    class_mean_statistic,
     evaluate_segmentation,
     finetune_segmentation,
     label_fraction_subset,
@@ -77,6 +79,26 @@ def test_dice_on_original_grid_matches_naive_numpy():
     assert out["mean"] == pytest.approx(np.mean(ref), abs=1e-5)
     pred = predict_segmentation(Oracle(), studies[0]["image"], (16, 16, 16))
     assert tuple(pred.shape) == shape and np.array_equal(pred.numpy(), preds[0])
+
+
+def test_per_study_dice_matches_naive_and_reproduces_the_aggregate():
+    shape = (37, 29, 41)
+    made = [make_study(shape, 0), make_study(shape, 1, absent_class=2), make_study(shape, 2)]
+    studies, preds, labels = zip(*made, strict=True)
+    out = evaluate_segmentation(Oracle(), studies, roi_size=16, num_classes=NUM_CLASSES,
+                                class_names=["liver", "tumour"], per_study=True)
+    rows = np.array(out["per_study"])
+    assert rows.shape == (3, 2)
+    for k in range(3):
+        ref = naive_dice([preds[k]], [labels[k]])
+        assert rows[k] == pytest.approx(ref, abs=1e-5, nan_ok=True)
+    assert math.isnan(rows[1, 1])  # class 2 absent from study 1's label
+    stat = class_mean_statistic(rows)
+    assert stat(np.arange(3)) == pytest.approx(out["mean"], abs=1e-6)
+    ci = bootstrap_ci(np.arange(3), stat, n_resamples=200)
+    assert ci.estimate == pytest.approx(out["mean"], abs=1e-6) and ci.low <= ci.high
+    plain = evaluate_segmentation(Oracle(), studies, roi_size=16, num_classes=NUM_CLASSES)
+    assert "per_study" not in plain and plain["mean"] == pytest.approx(out["mean"])
 
 
 def test_padded_studies_are_cropped_back():

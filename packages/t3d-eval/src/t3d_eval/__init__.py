@@ -6,10 +6,19 @@ Metrics take plain tensors and callables; models are used by duck typing through
 
 from __future__ import annotations
 
+from t3d_eval.bootstrap import (
+    Interval,
+    binary_auc,
+    bootstrap_ci,
+    check_same_units,
+    class_mean_statistic,
+    macro_auc_statistic,
+)
 from t3d_eval.classification import (
     CropClassifier,
     finetune_classifier,
     linear_probe,
+    linear_probe_scores,
     multilabel_auc,
     predict_classifier,
 )
@@ -24,6 +33,7 @@ from t3d_eval.embedding import (
     volume_embedding_from_crops,
     volume_embedding_sliding,
 )
+from t3d_eval.pretext import chance_losses, pretext_losses
 from t3d_eval.results import MeanStd, aggregate_seeds, flatten_results, read_results, write_results
 from t3d_eval.retrieval import (
     cosine_similarity_matrix,
@@ -46,8 +56,14 @@ __all__ = [
     "AIR_VALUE",
     "CropClassifier",
     "EncoderModel",
+    "Interval",
     "MeanStd",
     "aggregate_seeds",
+    "binary_auc",
+    "bootstrap_ci",
+    "chance_losses",
+    "check_same_units",
+    "class_mean_statistic",
     "cosine_similarity_matrix",
     "crop_encoder",
     "embed_studies",
@@ -59,9 +75,12 @@ __all__ = [
     "group_ids",
     "label_fraction_subset",
     "linear_probe",
+    "linear_probe_scores",
+    "macro_auc_statistic",
     "multilabel_auc",
     "predict_classifier",
     "predict_segmentation",
+    "pretext_losses",
     "prompt_embeddings",
     "read_results",
     "retrieval_metrics",

@@ -19,6 +19,7 @@ __all__ = [
     "CropClassifier",
     "finetune_classifier",
     "linear_probe",
+    "linear_probe_scores",
     "multilabel_auc",
     "predict_classifier",
 ]
@@ -106,6 +107,55 @@ def multilabel_auc(
     return out
 
 
+def linear_probe_scores(
+    train_feats: Tensor | np.ndarray,
+    train_labels: Tensor | np.ndarray,
+    test_feats: Tensor | np.ndarray,
+    finding_names: Sequence[str] | None = None,
+    C: float = 1.0,
+    max_iter: int = 2000,
+    seed: int = 0,
+) -> tuple[np.ndarray, list[str]]:
+    """The test probabilities of :func:`linear_probe` (one logistic regression per finding).
+
+    Args:
+        train_feats, train_labels, test_feats, finding_names, C, max_iter, seed: see
+            :func:`linear_probe`.
+
+    Returns:
+        ``(probs (M_test, F), untrainable)``: probabilities (0.5 for a finding with a single
+        class in the training labels) and the names of those untrainable findings.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    xtr = _as_2d("train_feats", train_feats).double().numpy()
+    xte = _as_2d("test_feats", test_feats).double().numpy()
+    ytr = _as_2d("train_labels", train_labels).double().numpy()
+    if xtr.shape[0] != ytr.shape[0]:
+        raise ValueError(f"features/labels rows differ: train {xtr.shape[0]}/{ytr.shape[0]}")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"train has {xtr.shape[1]} features but test has {xte.shape[1]}")
+    names = _names(finding_names, ytr.shape[1])
+    probs = np.full((xte.shape[0], ytr.shape[1]), 0.5)
+    untrainable = []
+    for j, name in enumerate(names):
+        known = ~np.isnan(ytr[:, j])
+        if len(np.unique(ytr[known, j])) < 2:
+            untrainable.append(name)
+            continue
+        clf = make_pipeline(
+            StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+        )
+        clf.fit(xtr[known], ytr[known, j].astype(int))
+        probs[:, j] = clf.predict_proba(xte)[:, 1]
+    return probs, untrainable
+
+
 def linear_probe(
     train_feats: Tensor | np.ndarray,
     train_labels: Tensor | np.ndarray,
@@ -130,41 +180,26 @@ def linear_probe(
 
     Returns:
         :func:`multilabel_auc` of the test probabilities; findings with a single class in the
-        training labels are skipped (NaN).
+        training labels are skipped (NaN). The probabilities themselves:
+        :func:`linear_probe_scores`.
 
     Raises:
         ValueError: on mismatched shapes.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    xtr = _as_2d("train_feats", train_feats).double().numpy()
-    xte = _as_2d("test_feats", test_feats).double().numpy()
-    ytr = _as_2d("train_labels", train_labels).double().numpy()
+    xtr = _as_2d("train_feats", train_feats)
+    xte = _as_2d("test_feats", test_feats)
+    ytr = _as_2d("train_labels", train_labels)
     yte = _as_2d("test_labels", test_labels)
     if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
         raise ValueError(
             f"features/labels rows differ: train {xtr.shape[0]}/{ytr.shape[0]}, "
             f"test {xte.shape[0]}/{yte.shape[0]}"
         )
-    if xtr.shape[1] != xte.shape[1]:
-        raise ValueError(f"train has {xtr.shape[1]} features but test has {xte.shape[1]}")
     if ytr.shape[1] != yte.shape[1]:
         raise ValueError(f"train has {ytr.shape[1]} findings but test has {yte.shape[1]}")
     names = _names(finding_names, ytr.shape[1])
-    probs = np.full(yte.shape, 0.5)
-    untrainable = []
-    for j, name in enumerate(names):
-        known = ~np.isnan(ytr[:, j])
-        if len(np.unique(ytr[known, j])) < 2:
-            untrainable.append(name)
-            continue
-        clf = make_pipeline(
-            StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-        )
-        clf.fit(xtr[known], ytr[known, j].astype(int))
-        probs[:, j] = clf.predict_proba(xte)[:, 1]
+    probs, untrainable = linear_probe_scores(xtr, ytr, xte, finding_names=names, C=C,
+                                             max_iter=max_iter, seed=seed)
     return multilabel_auc(torch.from_numpy(probs), yte, names, skip=untrainable)
 
 

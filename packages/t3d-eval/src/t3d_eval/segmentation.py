@@ -269,7 +269,8 @@ def evaluate_segmentation(
     device: str | torch.device | None = None,
     image_key: str = "image",
     label_key: str = "label",
-) -> dict[str, float]:
+    per_study: bool = False,
+) -> dict[str, Any]:
     """Dice per foreground class on whole volumes, on the original voxel grid.
 
     Every volume is predicted with :func:`predict_segmentation` (no resampling). When a study
@@ -289,9 +290,13 @@ def evaluate_segmentation(
         device: where the model runs.
         image_key: study key of the image.
         label_key: study key of the label map (``"mask"`` for ``t3d_data.VolumeDataset``).
+        per_study: also return ``"per_study"``: one list per volume (in order) of its Dice per
+            class (NaN where the class is absent from its label), e.g. for a bootstrap
+            (``t3d_eval.class_mean_statistic``).
 
     Returns:
-        ``{class_name: dice, ..., "mean": mean over classes with a Dice}``.
+        ``{class_name: dice, ..., "mean": mean over classes with a Dice}`` (and
+        ``"per_study"`` when asked).
 
     Raises:
         ValueError: on malformed volumes, names or an empty ``volumes``.
@@ -307,6 +312,7 @@ def evaluate_segmentation(
         raise ValueError(f"{len(names)} class names for {num_classes - 1} foreground classes")
     metric = DiceMetric(include_background=False, reduction="mean_batch")
     count = 0
+    rows: list[list[float]] = []
     for i, study in enumerate(volumes):
         image, label = _check_study(i, study, image_key, label_key)
         pred = predict_segmentation(
@@ -321,17 +327,21 @@ def evaluate_segmentation(
         if "original_shape" in study:
             ox, oy, oz = (int(s) for s in study["original_shape"])
             pred, label = pred[:ox, :oy, :oz], label[:ox, :oy, :oz]
-        metric(
+        value = metric(
             one_hot(pred[None, None], num_classes, dim=1),
             one_hot(label[None, None], num_classes, dim=1),
         )
+        if per_study:
+            rows.append([float(v) for v in torch.as_tensor(value).reshape(-1).tolist()])
         count += 1
     if count == 0:
         raise ValueError("volumes is empty")
     per_class = metric.aggregate().reshape(-1).tolist()
-    out = {n: float(v) for n, v in zip(names, per_class, strict=True)}
     valid = [v for v in per_class if not np.isnan(v)]
+    out: dict[str, Any] = {n: float(v) for n, v in zip(names, per_class, strict=True)}
     out["mean"] = float(np.mean(valid)) if valid else float("nan")
+    if per_study:
+        out["per_study"] = rows
     return out
 
 
