@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from t3d_models import GlobalBatchNorm1d, ProjectionHead, T3DModel
+from t3d_models import ProjectionHead, T3DModel
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -24,6 +24,10 @@ def test_head_kinds_and_layers():
     assert [type(m).__name__ for m in ProjectionHead(8, 4, "mlp")] == ["Linear", "GELU", "Linear"]
     with pytest.raises(ValueError, match="one of"):
         ProjectionHead(8, 4, "bn")
+    assert {m.momentum for m in bn if isinstance(m, nn.BatchNorm1d)} == {0.5}
+    assert ProjectionHead(8, 4, bn_momentum=0.1)[1].momentum == 0.1
+    with pytest.raises(ValueError, match="bn_momentum"):
+        ProjectionHead(8, 4, bn_momentum=0.0)
 
 
 def test_bn_head_centres_a_near_constant_batch():

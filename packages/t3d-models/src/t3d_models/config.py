@@ -141,6 +141,8 @@ class T3DModelConfig(_Strict):
             docs/pretraining.md), ``"mlp"`` (Linear-GELU-Linear) or ``"linear"``.
         text_head: report head ``proj_t`` (same choices; default ``"mlp"``: it sees only B
             reports per process, too few for batch statistics).
+        head_bn_momentum: running-statistics momentum of the BatchNorm heads (0.5: with
+            torch's 0.1 the eval-mode statistics lagged behind fast-moving weights).
         contrastive_input: which crops the TCL/alignment embeddings are computed from when
             corrupted crops are given: ``"clean"`` (default; evaluation embeds clean crops, so
             training does too, at one extra encoder pass) or ``"corrupted"`` (one encoder pass
@@ -155,6 +157,7 @@ class T3DModelConfig(_Strict):
     embed_dim: int = Field(default=256, gt=0)
     head: Literal["bn_mlp", "bn_hidden_mlp", "mlp", "linear"] = "bn_mlp"
     text_head: Literal["bn_mlp", "bn_hidden_mlp", "mlp", "linear"] = "mlp"
+    head_bn_momentum: float = Field(default=0.5, gt=0, le=1)
     contrastive_input: Literal["clean", "corrupted"] = "clean"
     restoration: bool = True
 

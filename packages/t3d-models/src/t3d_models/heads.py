@@ -85,6 +85,10 @@ class ProjectionHead(nn.Sequential):
         embed_dim: output width E.
         kind: one of :data:`HEAD_KINDS`.
         hidden_dim: MLP hidden width (default ``in_dim``).
+        bn_momentum: momentum of the BatchNorm running statistics (torch's default is 0.1).
+            Eval mode normalises with them; when the weights move fast (short runs at a high
+            head learning rate) 0.1 lags behind and the eval-mode embeddings bunch together
+            (docs/pretraining.md), hence 0.5.
 
     Raises:
         ValueError: unknown ``kind``.
@@ -95,8 +99,12 @@ class ProjectionHead(nn.Sequential):
     """
 
     def __init__(
-        self, in_dim: int, embed_dim: int = 256, kind: str = "bn_mlp", hidden_dim: int | None = None
+        self, in_dim: int, embed_dim: int = 256, kind: str = "bn_mlp", hidden_dim: int | None = None,
+        bn_momentum: float = 0.5,
     ) -> None:
+        if not 0 < bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in (0, 1]; got {bn_momentum}")
+        m = bn_momentum
         hidden = hidden_dim or in_dim
         if kind == "linear":
             super().__init__(nn.Linear(in_dim, embed_dim))
@@ -104,13 +112,14 @@ class ProjectionHead(nn.Sequential):
             super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
         elif kind == "bn_mlp":
             super().__init__(
-                nn.Linear(in_dim, hidden, bias=False), GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True),
-                nn.Linear(hidden, embed_dim, bias=False), GlobalBatchNorm1d(embed_dim, affine=False),
+                nn.Linear(in_dim, hidden, bias=False), GlobalBatchNorm1d(hidden, momentum=m),
+                nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim, bias=False),
+                GlobalBatchNorm1d(embed_dim, affine=False, momentum=m),
             )
         elif kind == "bn_hidden_mlp":
             super().__init__(
-                nn.Linear(in_dim, hidden, bias=False), GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True),
-                nn.Linear(hidden, embed_dim),
+                nn.Linear(in_dim, hidden, bias=False), GlobalBatchNorm1d(hidden, momentum=m),
+                nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim),
             )
         else:
             raise ValueError(f"head kind must be one of {HEAD_KINDS}; got {kind!r}")

@@ -94,9 +94,10 @@ class T3DModel(nn.Module):
             dropout=ic.dropout,
         )
         e = config.embed_dim
-        self.proj_v = ProjectionHead(cv, e, config.head)
-        self.proj_x = ProjectionHead(ic.width, e, config.head)
-        self.proj_t = ProjectionHead(self.text.width, e, config.text_head)
+        m = config.head_bn_momentum
+        self.proj_v = ProjectionHead(cv, e, config.head, bn_momentum=m)
+        self.proj_x = ProjectionHead(ic.width, e, config.head, bn_momentum=m)
+        self.proj_t = ProjectionHead(self.text.width, e, config.text_head, bn_momentum=m)
 
     # ------------------------------------------------------------------ construction
     @classmethod
