@@ -53,14 +53,14 @@ def test_demo_code_path_with_fake_phantom(tmp_path, make_dataset, monkeypatch, c
     calls = []
 
     def fake(out_dir, n_studies=24, seed=0, shape=None, progress=True):
-        calls.append((out_dir, n_studies, seed))
+        calls.append((out_dir, n_studies, seed, shape))
         return make_dataset(n_studies, folder="fake")
 
     monkeypatch.setitem(sys.modules, "t3d_data.phantom",
                         types.SimpleNamespace(generate_phantom_dataset=fake))
     assert main(["demo", str(tmp_path / "demo"), "--studies", "3", "--seed", "5",
-                 "--no-progress"]) == 0
-    assert calls == [(tmp_path / "demo" / "phantom", 3, 5)]
+                 "--shape", "96", "96", "64", "--no-progress"]) == 0
+    assert calls == [(tmp_path / "demo" / "phantom", 3, 5, (96, 96, 64))]
     assert len(VolumeStore(tmp_path / "demo" / "store")) == 3
     assert "3 prepared" in capsys.readouterr().out
 

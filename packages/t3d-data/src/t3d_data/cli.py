@@ -38,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_args(p)
     p = sub.add_parser("validate", help="check a manifest and list all its errors")
     p.add_argument("manifest", type=Path)
-    p = sub.add_parser("phantom", help="write a synthetic CT-report dataset (NIfTI + manifest)")
-    p.add_argument("out", type=Path)
-    p.add_argument("--studies", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("demo", help="phantom dataset into OUT/phantom, prepared into OUT/store")
-    p.add_argument("out", type=Path)
-    p.add_argument("--studies", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    for name, text in (("phantom", "write a synthetic CT-report dataset (NIfTI + manifest)"),
+                       ("demo", "phantom dataset into OUT/phantom, prepared into OUT/store")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("out", type=Path)
+        p.add_argument("--studies", type=int, default=24)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                       help="one volume size for every study (default: ~128x128x112, varying)")
     _add_prepare_args(p)
     return parser
 
@@ -61,7 +61,8 @@ def _prepare(manifest: Path, out: Path, args: argparse.Namespace) -> None:
 def _phantom(out: Path, args: argparse.Namespace) -> Path:
     from t3d_data.phantom import generate_phantom_dataset
 
-    manifest = generate_phantom_dataset(out, n_studies=args.studies, seed=args.seed,
+    shape = tuple(args.shape) if args.shape else None
+    manifest = generate_phantom_dataset(out, n_studies=args.studies, seed=args.seed, shape=shape,
                                         progress=not getattr(args, "no_progress", False))
     print(f"phantom dataset: {args.studies} studies, manifest {manifest}")
     return Path(manifest)
