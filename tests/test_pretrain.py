@@ -8,6 +8,7 @@ learning.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ PRETRAIN = ROOT / "tools" / "pretrain.py"
 SMALL = [
     "--set", "data.batch_size=2", "--set", "data.num_workers=0", "--set", "data.crop.num_crops=2",
     "--set", "optim.warmup_steps=1", "--set", "run.eval_crops=1", "--set", "run.tensorboard=false",
+    "--set", "data.max_studies=null",  # the demo default trains on 4 studies; these use the split
 ]
 
 
@@ -47,6 +49,15 @@ def store(tmp_path_factory) -> Path:
     manifest = generate_phantom_dataset(root / "raw", n_studies=10, seed=3, progress=False)
     prepare(manifest, root / "store", progress=False)
     return root / "store"
+
+
+def pretrain_demo_defaults() -> dict:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import pretrain
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return pretrain.DEMO_DEFAULTS
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -173,13 +184,29 @@ def test_default_demo_runs_a_few_steps(tmp_path):
     run_dir = tmp_path / "demo"
     res = _run(["--set", "optim.max_steps=2", "--set", f"run.output_dir={run_dir}"], tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "cache" / "phantom-n40-s0" / "store" / "index.json").is_file()
+    assert (tmp_path / "cache" / "phantom-n96-96x96x96-s0" / "store" / "index.json").is_file()
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 2
     assert set(summary["loss_start"]) == {"loss", "tcl_loss", "tir_loss", "align_loss"}
+    # chance values of the contrastive terms: 4 studies x 2 crops -> log 7 and log 4
+    assert summary["loss_chance"]["tcl_loss"][1] == pytest.approx(math.log(7))
+    assert summary["loss_chance"]["align_loss"][1] == pytest.approx(math.log(4))
+    assert "chance log(7) = 1.9459" in res.stdout and "chance log(4) = 1.3863" in res.stdout
+    # the collapse monitor: the spread of both crop embeddings, per step and in the summary
+    for key in ("visual_emb", "text_informed_emb"):
+        for stat in ("same_cos", "cross_cos", "std", "std_ratio"):
+            assert f"{key}/{stat}" in summary["spread_end"]
+            assert all(f"{key}/{stat}" in rec for rec in _log(run_dir))
+    assert "visual_emb        spread: same-study cos" in res.stdout
     r = summary["retrieval"]
-    assert r["studies"] >= 4 and 0 <= r["v2r_recall@1"] <= 1 and 0 < r["chance_recall@5"] <= 1
+    # the demo holds out >= 16 studies (96 phantom studies, 20% of the patients in "test")
+    assert r["studies"] >= 16 and 0 <= r["v2r_recall@1"] <= 1 and 0 < r["chance_recall@5"] <= 1
     assert "retrieval on" in res.stdout and "chance" in res.stdout
+    assert set(r["eval_spread"]) == {"same_cos", "cross_cos", "std", "std_ratio"}
+    assert "held-out crops, eval mode: same-study cos" in res.stdout
+    # the demo trains on a small subset so the contrastive terms can fall within its budget
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["data"]["max_studies"] == pretrain_demo_defaults()["data"]["max_studies"]
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "loss_curve.png").is_file()
 

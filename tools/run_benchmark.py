@@ -163,7 +163,7 @@ def pretrain_command(cfg: dict[str, Any], arm: str, seed: int, store: Path,
     sets = [f"data.store={store}", f"run.output_dir={run_dir}", f"run.seed={seed}",
             f"data.crop.seed={seed}", f"optim.max_steps={cfg['steps']}", f"optim.lr={cfg['lr']}",
             f"optim.warmup_steps={cfg['steps'] // 10}", f"data.batch_size={cfg['batch_size']}",
-            f"data.crop.num_crops={cfg['num_crops']}",
+            f"data.crop.num_crops={cfg['num_crops']}", "data.max_studies=null",  # every train study
             f"data.num_workers={cfg.get('num_workers', 0)}", "run.eval_split=null",
             "run.tensorboard=false", f"run.checkpoint_every={cfg['steps']}", "run.keep_last=1",
             *cfg.get("pretrain_sets", []), *(ARMS[arm] or [])]

@@ -47,10 +47,17 @@ def resolve_objective(section: BaseModel) -> ObjectiveConfig:
 
 
 class OptimConfig(BaseModel):
-    """AdamW with linear warmup then cosine decay (transformers' schedule)."""
+    """AdamW with linear warmup then cosine decay (transformers' schedule).
+
+    ``lr`` is the learning rate of the projection heads, the interactor, the restoration
+    decoder and the temperatures; the SwinUNETR encoder learns at ``lr * vision_lr_mult`` and
+    the text encoder at ``lr * text_lr_mult`` (:meth:`t3d_models.T3DModel.param_groups`).
+    """
 
     model_config = _STRICT
     lr: float = Field(2e-4, gt=0)
+    vision_lr_mult: float = Field(0.1, ge=0)
+    text_lr_mult: float = Field(0.1, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(10, ge=0)

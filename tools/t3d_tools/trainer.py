@@ -16,19 +16,53 @@ from torch import nn
 _INPUTS = ("crops", "study_index", "group", "corrupted", "corruption_mask")
 
 
+#: The embeddings whose spread is logged (collapse monitor) and the statistics kept of each.
+SPREAD_EMBEDDINGS = ("visual_emb", "text_informed_emb")
+SPREAD_STATS = ("same_cos", "cross_cos", "std", "std_ratio")
+
+
 class PretrainModule(nn.Module):
     """``objective(**model(**inputs))``: one module, so DDP syncs the model and the learnable
-    temperatures together. Tokenisation happens here, on the training process."""
+    temperatures together. Tokenisation happens here, on the training process.
+
+    The returned dict holds the objective's losses and, detached, the spread of the crop
+    embeddings (``visual_emb/same_cos`` ... , see :func:`t3d_objectives.embedding_spread`;
+    same/cross = crops of the same / different studies of this process's batch)."""
 
     def __init__(self, model: nn.Module, objective: nn.Module) -> None:
         super().__init__()
         self.model, self.objective = model, objective
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from t3d_objectives import embedding_spread
+
         device = batch["crops"].device
         tokens = {k: v.to(device) for k, v in self.model.tokenize(batch["reports"]).items()}
         inputs = {k: batch[k] for k in _INPUTS if k in batch}
-        return self.objective(**self.model(**inputs, **tokens))
+        out = self.model(**inputs, **tokens)
+        losses = self.objective(**out)
+        for key in SPREAD_EMBEDDINGS:
+            spread = embedding_spread(out[key], batch["study_index"])
+            for stat in SPREAD_STATS:
+                losses[f"{key}/{stat}"] = torch.tensor(spread[stat], device=device)
+        return losses
+
+
+def collapse_warning(record: dict[str, Any]) -> str | None:
+    """A warning line when a logged step's spread says an embedding collapsed, else ``None``."""
+    from t3d_objectives import is_collapsed
+
+    bad = []
+    for key in SPREAD_EMBEDDINGS:
+        spread = {stat: record.get(f"{key}/{stat}", math.nan) for stat in SPREAD_STATS}
+        if is_collapsed(spread):
+            bad.append(f"{key} (cross-study cosine {spread['cross_cos']:.4f}, "
+                       f"std*sqrt(E) {spread['std_ratio']:.3f})")
+    if not bad:
+        return None
+    return (f"step {record['step']}: embedding collapse: {'; '.join(bad)}. The contrastive losses "
+            "sit at chance when crops share one embedding; use model.head=bn_mlp and "
+            "optim.vision_lr_mult<1 (the defaults), see docs/pretraining.md")
 
 
 def timed(iterable: Iterable[Any], waits: list[float]) -> Iterator[Any]:
@@ -70,9 +104,12 @@ def chance_recall(groups: list[int], k: int) -> float:
 @torch.no_grad()
 def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_config: Any,
                     num_crops: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float] | None:
-    """Volume→report Recall@K on ``split`` (mean of ``num_crops`` crops per volume) vs chance."""
+    """Volume→report Recall@K on ``split`` (mean of ``num_crops`` crops per volume) vs chance,
+    and the eval-mode spread of those crops' embeddings (``eval_spread``: BatchNorm heads keep
+    the training-mode spread open even when the encoder collapses; eval mode shows it)."""
     from t3d_data import CropDataset
     from t3d_eval import retrieval_metrics
+    from t3d_objectives import embedding_spread
 
     cfg = crop_config.model_copy(update={"num_crops": num_crops, "seed": crop_config.seed + 7})
     ds = CropDataset(store, cfg, split=split)
@@ -80,10 +117,13 @@ def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_confi
         return None
     was_training = model.training
     model.eval()
-    vol, reports, groups = [], [], []
+    vol, reports, groups, crop_embs, crop_study = [], [], [], [], []
     for i in range(len(ds)):
         item = ds[i]
-        vol.append(model.encode_volume_crops(item["crops"], batch_size=2).mean(0))
+        emb = model.encode_volume_crops(item["crops"], batch_size=2)
+        crop_embs.append(emb)
+        crop_study += [i] * emb.shape[0]
+        vol.append(emb.mean(0))
         reports.append(item["report"])
         groups.append(int(item["group"]))
     text = torch.cat([model.encode_text(reports[i:i + 16]) for i in range(0, len(reports), 16)])
@@ -94,6 +134,25 @@ def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_confi
         out[f"v2r_recall@{k}"] = metrics[f"v2r_recall@{k}"]
         out[f"chance_recall@{k}"] = chance_recall(groups, k)
     out["v2r_median_rank"] = metrics["v2r_median_rank"]
+    out["eval_spread"] = embedding_spread(torch.cat(crop_embs), torch.tensor(crop_study))
+    return out
+
+
+def chance_losses(cfg: Any, num_processes: int) -> dict[str, tuple[str, float]]:
+    """The losses of a constant embedding: TCL ``log(N-1)`` over the N crops that are scored
+    together, InfoNCE alignment ``log B`` over the B studies (per process, or all processes
+    with ``objective.gather_distributed``)."""
+    from t3d_tools.pretrain_config import resolve_objective
+
+    objective = resolve_objective(cfg.objective)
+    procs = num_processes if objective.gather_distributed else 1
+    b = cfg.data.batch_size * procs
+    n = b * cfg.data.crop.num_crops
+    out = {}
+    if objective.w_tcl > 0 and n > 1:
+        out["tcl_loss"] = (f"log({n - 1})", math.log(n - 1))
+    if objective.w_align > 0 and objective.align_kind == "infonce" and b > 0:
+        out["align_loss"] = (f"log({b})", math.log(b))
     return out
 
 
@@ -137,21 +196,53 @@ def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
     if finite:
         plot_losses(finite, cfg.run.output_dir / "loss_curve.png")
     steps = records[-1]["step"] if records else 0
+    chance = chance_losses(cfg, accelerator.num_processes)
+    spread_keys = [f"{e}/{s}" for e in SPREAD_EMBEDDINGS for s in SPREAD_STATS]
+    spread = {k: sum(r[k] for r in finite[-window:]) / window for k in spread_keys
+              if finite and k in finite[0]}
+    from t3d_objectives import is_collapsed
+
+    collapsed = [r["step"] for r in finite if collapse_warning(r)]
     summary = {"steps": steps, "skipped_steps": sum(r["skipped"] for r in records),
-               "loss_start": start, "loss_end": end, **timing,
+               "loss_start": start, "loss_end": end, "loss_chance": chance,
+               "loss_ratio": {k: end[k] / start[k] for k in terms if start[k]},
+               "spread_end": spread, "collapsed_steps": len(collapsed), **timing,
                "data_wait_fraction": timing["data_wait_seconds"]
                / max(timing["data_wait_seconds"] + timing["compute_seconds"], 1e-9),
                "retrieval": retrieval}
     lines = [f"T3D pre-training: {steps} steps in {timing['seconds']:.0f} s "
              f"({timing['crops_per_second']:.2f} crops/s, data wait "
-             f"{100 * summary['data_wait_fraction']:.1f}%)"]
+             f"{100 * summary['data_wait_fraction']:.1f}%); loss terms are means of the "
+             f"first/last {window} steps"]
     for k in terms:
-        lines.append(f"  {k:<11} {start[k]:.4f} -> {end[k]:.4f}  (mean of first/last {window} steps)")
+        line = f"  {k:<11} {start[k]:.4f} -> {end[k]:.4f}"
+        if start[k]:
+            line += f"  ({end[k] / start[k]:.2f}x of start"
+            if k in chance:
+                where = "below" if end[k] < chance[k][1] else "NOT below"
+                line += f"; chance {chance[k][0]} = {chance[k][1]:.4f}, {where} chance"
+            line += ")"
+        lines.append(line)
+    for e in SPREAD_EMBEDDINGS:
+        if f"{e}/cross_cos" in spread:
+            lines.append(f"  {e:<17} spread: same-study cos {spread[f'{e}/same_cos']:.3f}, "
+                         f"cross-study cos {spread[f'{e}/cross_cos']:.3f}, std*sqrt(E) "
+                         f"{spread[f'{e}/std_ratio']:.3f} (collapsed: cross cos > 0.95 or "
+                         "std*sqrt(E) < 0.1)")
+    if collapsed:
+        lines.append(f"  WARNING: embedding collapse in {len(collapsed)} of {len(finite)} steps "
+                     f"(first at step {collapsed[0]}, last at {collapsed[-1]}); see docs/pretraining.md")
     if retrieval:
         lines.append(f"  retrieval on {retrieval['studies']} held-out '{cfg.run.eval_split}' studies: "
                      + ", ".join(f"R@{k} {retrieval[f'v2r_recall@{k}']:.2f} (chance "
                                  f"{retrieval[f'chance_recall@{k}']:.2f})" for k in (1, 5))
                      + f", median rank {retrieval['v2r_median_rank']:.0f}")
+        es = retrieval["eval_spread"]
+        lines.append(f"  held-out crops, eval mode: same-study cos {es['same_cos']:.3f}, cross-study cos "
+                     f"{es['cross_cos']:.3f}, std*sqrt(E) {es['std_ratio']:.3f}")
+        if is_collapsed(es):
+            lines.append("  WARNING: the held-out crop embeddings (eval mode) have collapsed: the encoder "
+                         "maps every crop alike; see docs/pretraining.md")
     lines.append(f"  run folder: {cfg.run.output_dir} (summary.json, log.jsonl, loss_curve.png, "
                  "model/, checkpoints/)")
     summary["text"] = "\n".join(lines)
