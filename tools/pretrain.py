@@ -36,8 +36,8 @@ DEMO_STUDIES = 96  # the phantom's patient-level split leaves 20 of them held ou
 # did not in 20 steps; see docs/pretraining.md)
 DEMO_SHAPE = (96, 96, 96)
 DEMO_DEFAULTS: dict[str, Any] = {
-    # The embedded default: the t3d-tiny-cpu model on a small phantom dataset, ~12 min on 2 quiet
-    # cores (~20 s per step of 4 studies x 2 crops of 64^3). It trains on the first 4 training
+    # The embedded default: the t3d-tiny-cpu model on a small phantom dataset, ~8 min on 2 quiet
+    # cores (~14 s per step of 4 studies x 2 crops of 64^3). It trains on the first 4 training
     # studies only (an overfitting check: with 16 studies, or native-size phantoms, the
     # contrastive terms did not fall within 30 steps) and evaluates on all 20 held-out ones.
     # lr is the heads' learning rate; the encoders learn at 0.1x (optim.vision_lr_mult / text_lr_mult).
