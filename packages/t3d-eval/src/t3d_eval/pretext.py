@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .embedding import _model_device
+
 __all__ = ["chance_losses", "pretext_losses"]
 
 
@@ -31,14 +33,6 @@ def chance_losses(num_crops: int, num_studies: int) -> dict[str, float]:
     if num_studies > 0:
         out["align_loss"] = math.log(num_studies)
     return out
-
-
-def _device_of(model: Any) -> torch.device:
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
 
 
 def pretext_losses(
@@ -93,7 +87,7 @@ def pretext_losses(
     if collate_fn is None:
         from t3d_data import collate_crops as collate_fn  # noqa: N813
     objectives = dict(objective) if isinstance(objective, Mapping) else {"": objective}
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else _model_device(model)
     modules = [m for m in (model, *objectives.values()) if isinstance(m, torch.nn.Module)]
     was_training = [m.training for m in modules]
     for m in modules:
