@@ -32,6 +32,7 @@ _EXPORTS = {
     # datasets (torch)
     "CropDataset": "dataset", "VolumeDataset": "dataset", "collate_crops": "dataset",
     "DataConfig": "dataset", "build_crop_loader": "dataset",
+    "safe_filename": "names", "safe_join": "names",  # file names from user data
 }
 
 __all__ = [
