@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Retrieval, report-twin accuracy and zero-shot AUC of a T3D checkpoint (T3D-METHOD.md, "Evaluation").
+"""Retrieval, report-twin accuracy and zero-shot AUC of a T3D checkpoint (docs/method.md, "Evaluation").
 
     python tools/evaluate.py --checkpoint runs/demo/model --store STORE [--split test] [--out DIR]
     accelerate launch --config_file tools/accelerate/cpu_2proc.yaml tools/evaluate.py --config tools/configs/eval/evaluate.yaml --set store=STORE

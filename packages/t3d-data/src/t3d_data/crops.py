@@ -1,6 +1,6 @@
 """Random sub-volume crops at native resolution: size checks, air rejection, padding, HU window.
 
-T3D trains on K random crops per study instead of downsampled volumes (T3D-METHOD.md, "Data").
+T3D trains on K random crops per study instead of downsampled volumes (docs/method.md, "Data").
 Argument checks follow MONAI (``RandSpatialCropSamples``): they name the dimension and the
 required multiple. Randomness comes from a caller-supplied ``np.random.Generator``.
 """

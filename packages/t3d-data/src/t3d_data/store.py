@@ -1,7 +1,7 @@
 """The prepared store: one chunked zarr v3 group per study plus ``index.json`` (see docs/data.md).
 
 ``prepare`` ingests a manifest once (resumable, atomic per study, bad studies quarantined) so
-that a random crop later reads about its own bytes instead of the whole volume (T3D-METHOD.md,
+that a random crop later reads about its own bytes instead of the whole volume (docs/method.md,
 "Data"). ``VolumeStore`` opens a prepared store for reading.
 """
 

@@ -1,6 +1,6 @@
 """Report text: UTF-8 decoding with counted replacements, whitespace normalisation, report groups.
 
-Follows the T3D data rules (docs: T3D-METHOD.md, "Report text"): invalid bytes are replaced and
+Follows the T3D data rules (docs/method.md, "Data"): invalid bytes are replaced and
 counted, whitespace runs collapse, line breaks between sections and headers are kept.
 """
 

@@ -1,7 +1,7 @@
 """Multi-label classification evaluation: AUC, linear probe and full fine-tuning.
 
 AUC follows torchmetrics ``MultilabelAUROC`` (the reference implementation); the linear probe is
-scikit-learn's standardised ``LogisticRegression`` per finding (T3D-METHOD.md, "Evaluation").
+scikit-learn's standardised ``LogisticRegression`` per finding (docs/method.md, "Evaluation").
 """
 
 from __future__ import annotations

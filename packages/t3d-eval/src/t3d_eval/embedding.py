@@ -1,6 +1,6 @@
 """Whole-volume and report embeddings from a crop encoder, plus thin adapters for T3D models.
 
-A volume is embedded as the mean of its crop embeddings (T3D-METHOD.md, "Alignment": ``e_s`` =
+A volume is embedded as the mean of its crop embeddings (docs/method.md, "Alignment": ``e_s`` =
 mean of ``v_i``), from random crops or a sliding-window grid that covers the whole volume.
 """
 

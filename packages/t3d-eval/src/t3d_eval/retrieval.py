@@ -1,6 +1,6 @@
 """Cross-modal retrieval metrics: volume→report / report→volume Recall@K, median rank, twins.
 
-Follows the T3D evaluation protocol (T3D-METHOD.md, "Evaluation"): cosine similarity, a hit when
+Follows the T3D evaluation protocol (docs/method.md, "Evaluation"): cosine similarity, a hit when
 any item of the query's report group is retrieved, so identical reports are not distinct answers.
 """
 

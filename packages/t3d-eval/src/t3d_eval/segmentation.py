@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning and evaluation with MONAI (T3D-METHOD.md, "Evaluation").
+"""Segmentation fine-tuning and evaluation with MONAI (docs/method.md, "Evaluation").
 
 Random ROI crops (``RandCropByPosNegLabeld``), ``DiceCELoss`` and AdamW for training; whole-volume
 ``sliding_window_inference`` and ``DiceMetric`` per class on the original voxel grid for testing.
