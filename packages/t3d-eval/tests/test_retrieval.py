@@ -101,3 +101,24 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="ks must be >= 1"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(3, 4), ks=(0,))
     assert not math.isnan(retrieval_metrics(torch.randn(3, 4), torch.randn(3, 4))["r2v_mean_rank"])
+
+
+@pytest.mark.parametrize("groups", [list(range(10)), [0, 0, 1, 1, 1, 2, 3, 4, 5, 5, 5, 5]])
+def test_chance_retrieval_matches_random_scores(groups):
+    """The chance values are what random scores give, on average, through retrieval_metrics."""
+    from t3d_eval import chance_retrieval
+
+    chance = chance_retrieval(groups, ks=(1, 5))
+    gen = torch.Generator().manual_seed(0)
+    runs = [retrieval_metrics(torch.randn(len(groups), 8, generator=gen),
+                              torch.randn(len(groups), 8, generator=gen), groups=groups, ks=(1, 5))
+            for _ in range(400)]
+    for k in (1, 5):
+        mean = sum(r[f"v2r_recall@{k}"] for r in runs) / len(runs)
+        assert mean == pytest.approx(chance[f"recall@{k}"], abs=0.03)
+    assert sum(r["v2r_mean_rank"] for r in runs) / len(runs) == pytest.approx(
+        chance["mean_rank"], rel=0.05)
+    if len(set(groups)) == len(groups):
+        assert chance["median_rank"] == 5.5 and chance["recall@1"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="at least one item"):
+        chance_retrieval([], ks=(1,))

@@ -213,3 +213,27 @@ def test_save_overlays_writes_a_png(tmp_path: Path):
     )
     data = Path(path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_overlays_have_a_legend_and_leave_air_outside_the_body_unpainted():
+    from t3d_eval.segmentation import overlay_figure
+
+    image = np.zeros((1, 24, 24, 4), dtype=np.float32)  # air (0.0) around a body disc
+    yy, xx = np.mgrid[:24, :24]
+    body = (yy - 12) ** 2 + (xx - 12) ** 2 < 64
+    image[0][body] = 0.5
+    image[0][(yy - 12) ** 2 + (xx - 12) ** 2 < 9] = 0.0  # a lung: air enclosed by the body
+    label = np.zeros_like(image, dtype=np.int64)
+    label[0][body] = 1
+    pred = np.full_like(label, 2)  # a bad network paints every voxel, air included
+    fig = overlay_figure(image, label, pred, n_slices=1, class_names=["liver", "spleen"])
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["1 liver", "2 spleen"]
+    pred_layer = fig.axes[2].get_images()[1].get_array()
+    assert pred_layer.mask[0, 0] and pred_layer.mask[23, 23]  # air outside: unpainted
+    assert not pred_layer.mask[12, 12] and not pred_layer.mask[12, 17]  # lung + tissue: painted
+    label_layer = fig.axes[1].get_images()[1].get_array()
+    assert label_layer.mask[0, 0] and not label_layer.mask[12, 17]
+    plain = overlay_figure(image, label, pred, n_slices=1, air_threshold=None)
+    assert not plain.axes[2].get_images()[1].get_array().mask[0, 0]
+    assert [t.get_text() for t in plain.legends[0].get_texts()] == ["1 class_1", "2 class_2"]

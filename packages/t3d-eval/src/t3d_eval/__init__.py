@@ -36,6 +36,7 @@ from t3d_eval.embedding import (
 from t3d_eval.pretext import chance_losses, pretext_losses
 from t3d_eval.results import MeanStd, aggregate_seeds, flatten_results, read_results, write_results
 from t3d_eval.retrieval import (
+    chance_retrieval,
     cosine_similarity_matrix,
     group_ids,
     retrieval_metrics,
@@ -62,6 +63,7 @@ __all__ = [
     "binary_auc",
     "bootstrap_ci",
     "chance_losses",
+    "chance_retrieval",
     "check_same_units",
     "class_mean_statistic",
     "cosine_similarity_matrix",

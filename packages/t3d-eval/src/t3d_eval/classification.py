@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, MultilabelAUROC
+from tqdm.auto import tqdm
 
 __all__ = [
     "CropClassifier",
@@ -255,6 +256,7 @@ def finetune_classifier(
     freeze_encoder: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> tuple[CropClassifier, list[float]]:
     """Fine-tune an encoder plus a new linear head with BCE-with-logits and AdamW.
 
@@ -271,6 +273,7 @@ def finetune_classifier(
         freeze_encoder: train the head only.
         seed: seeds the head initialisation and ``torch`` RNG.
         device: where to train (default: the encoder's device, else CPU).
+        progress: show a tqdm bar of the steps (with the running loss) on stderr.
 
     Returns:
         ``(model, losses)``: the trained :class:`CropClassifier` and the loss of every step.
@@ -297,6 +300,8 @@ def finetune_classifier(
     model.train()
     if freeze_encoder and isinstance(encoder, nn.Module):
         encoder.eval()
+    total = epochs * len(train_batches) if hasattr(train_batches, "__len__") else None
+    bar = tqdm(total=total, desc="cls fine-tune", unit="step", disable=not progress)
     for _ in range(epochs):
         for batch in train_batches:
             crops, labels = _unpack(batch)
@@ -306,6 +311,9 @@ def finetune_classifier(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    bar.close()
     if not losses:
         raise ValueError("train_batches yielded no batch")
     return model, losses

@@ -6,6 +6,7 @@ any item of the query's report group is retrieved, so identical reports are not 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from t3d_eval.embedding import (
 )
 
 __all__ = [
+    "chance_retrieval",
     "cosine_similarity_matrix",
     "gather_embeddings",
     "group_ids",
@@ -167,6 +169,56 @@ def retrieval_metrics(
     relevant = g[:, None] == g[None, :]
     out = _summarise("v2r", retrieval_ranks(sim, relevant), ks)
     out.update(_summarise("r2v", retrieval_ranks(sim.T, relevant.T), ks))
+    return out
+
+
+def chance_retrieval(
+    groups: Tensor | Sequence[Hashable] | None, num_items: int | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """What :func:`retrieval_metrics` expects from random scores, given the report groups.
+
+    A query whose group has ``r`` of the ``n`` items ranks its best correct answer beyond
+    ``j`` with probability ``C(n - j, r) / C(n, r)`` (the first ``j`` places all wrong). Hence
+    Recall@K ``= mean over queries of 1 - C(n - K, r) / C(n, r)``, the mean rank ``= mean of
+    1 + (n - r) / (r + 1)``, and the median rank is the median of the pooled rank distribution
+    (what the median over many queries tends to; ``(n + 1) / 2`` for distinct reports). The
+    values are the same for both directions (v2r, r2v), since groups are shared.
+
+    Args:
+        groups: one report group per study, as for :func:`retrieval_metrics` (``None`` with
+            ``num_items``: all distinct).
+        num_items: the number of studies when ``groups`` is ``None``.
+        ks: the K values.
+
+    Returns:
+        ``{"recall@K": ..., "median_rank": ..., "mean_rank": ...}`` as floats.
+
+    Raises:
+        ValueError: on no items or a K < 1.
+
+    Example:
+        >>> chance_retrieval(None, 10, ks=(1, 5))["recall@5"]
+        0.5
+    """
+    n = num_items if groups is None else len(groups)
+    if n is None or n < 1:
+        raise ValueError("chance_retrieval needs at least one item (pass groups or num_items)")
+    bad = [k for k in ks if int(k) < 1]
+    if bad:
+        raise ValueError(f"ks must be >= 1; got {bad[0]}")
+    g = group_ids(groups, n)
+    sizes = torch.bincount(g)[g].tolist()
+
+    def beyond(j: int, r: int) -> float:  # P(rank > j) for a group of r
+        return math.comb(n - j, r) / math.comb(n, r) if j <= n - r else 0.0
+
+    out = {f"recall@{k}": sum(1.0 - beyond(int(k), r) for r in sizes) / n for k in ks}
+    cdf = [sum(1.0 - beyond(j, r) for r in sizes) / n for j in range(1, n + 1)]
+    j = next(j for j in range(1, n + 1) if cdf[j - 1] >= 0.5 - 1e-12)
+    # exactly half at or below j: the median lies between j and j + 1 (10 items: 5.5)
+    out["median_rank"] = j + 0.5 if abs(cdf[j - 1] - 0.5) < 1e-12 and j < n else float(j)
+    out["mean_rank"] = sum(1.0 + (n - r) / (r + 1) for r in sizes) / n
     return out
 
 

@@ -19,6 +19,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from t3d_eval.embedding import AIR_VALUE
 
@@ -26,6 +27,7 @@ __all__ = [
     "evaluate_segmentation",
     "finetune_segmentation",
     "label_fraction_subset",
+    "overlay_figure",
     "predict_segmentation",
     "save_overlays",
 ]
@@ -119,6 +121,7 @@ def finetune_segmentation(
     device: str | torch.device | None = None,
     image_key: str = "image",
     label_key: str = "label",
+    progress: bool = False,
 ) -> list[float]:
     """Fine-tune a segmentation network on random ROI crops with Dice + cross-entropy.
 
@@ -145,6 +148,7 @@ def finetune_segmentation(
         device: where to train (default: the model's device).
         image_key: study key of the image.
         label_key: study key of the label map (``"mask"`` for ``t3d_data.VolumeDataset``).
+        progress: show a tqdm bar of the steps (with the running loss) on stderr.
 
     Returns:
         The loss of every step.
@@ -190,7 +194,8 @@ def finetune_segmentation(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.to(device).train()
     losses: list[float] = []
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="seg fine-tune", unit="step", disable=not progress)
+    for _ in bar:
         images, labels = [], []
         for idx in rng.integers(0, len(prepared), size=batch_size):
             for sample in crop(prepared[int(idx)]):
@@ -204,6 +209,7 @@ def finetune_segmentation(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     return losses
 
 
@@ -270,6 +276,7 @@ def evaluate_segmentation(
     image_key: str = "image",
     label_key: str = "label",
     per_study: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Dice per foreground class on whole volumes, on the original voxel grid.
 
@@ -293,6 +300,7 @@ def evaluate_segmentation(
         per_study: also return ``"per_study"``: one list per volume (in order) of its Dice per
             class (NaN where the class is absent from its label), e.g. for a bootstrap
             (``t3d_eval.class_mean_statistic``).
+        progress: show a tqdm bar of the volumes on stderr.
 
     Returns:
         ``{class_name: dice, ..., "mean": mean over classes with a Dice}`` (and
@@ -313,7 +321,8 @@ def evaluate_segmentation(
     metric = DiceMetric(include_background=False, reduction="mean_batch")
     count = 0
     rows: list[list[float]] = []
-    for i, study in enumerate(volumes):
+    bar = tqdm(volumes, desc="seg test", unit="study", disable=not progress)
+    for i, study in enumerate(bar):
         image, label = _check_study(i, study, image_key, label_key)
         pred = predict_segmentation(
             model,
@@ -345,6 +354,18 @@ def evaluate_segmentation(
     return out
 
 
+#: Windowed intensity below which a voxel is air (−900 HU with the default −1000..1000 HU
+#: window, as ``t3d_data.CropConfig.air_threshold``).
+AIR_THRESHOLD = 0.05
+
+
+def body_mask(image_slice: np.ndarray, air_threshold: float = AIR_THRESHOLD) -> np.ndarray:
+    """Pixels inside the body of a 2-D slice: non-air, with enclosed air (lungs) filled in."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(np.asarray(image_slice) > air_threshold)
+
+
 def save_overlays(
     image: Tensor | np.ndarray,
     label: Tensor | np.ndarray,
@@ -352,11 +373,16 @@ def save_overlays(
     path: str | os.PathLike[str],
     n_slices: int = 3,
     axis: int = 2,
+    class_names: Sequence[str] | None = None,
+    air_threshold: float | None = AIR_THRESHOLD,
 ) -> str:
     """Write a PNG of ``n_slices`` slices: image, ground truth overlay, prediction overlay.
 
     Slices are spread evenly over those containing ground-truth foreground (all slices if
-    there is none). Uses matplotlib's Agg canvas directly; pyplot's global state is untouched.
+    there is none). Background (class 0) is never painted, nor is air outside the body
+    (:func:`body_mask`), so a network that labels the air shows as clean; a legend names the
+    colour of every class. Uses matplotlib's Agg canvas directly; pyplot's global state is
+    untouched. The file is written to a temporary name and renamed (atomic).
 
     Args:
         image: ``(1, X, Y, Z)`` or ``(X, Y, Z)``.
@@ -365,6 +391,10 @@ def save_overlays(
         path: output ``.png`` path (parent folders are created).
         n_slices: rows of the figure.
         axis: slicing axis (2 = axial in RAS order).
+        class_names: names of the foreground classes ``1..K`` for the legend (default
+            ``class_1``, ...).
+        air_threshold: windowed intensity below which pixels outside the body are left
+            unpainted; ``None`` paints every non-background pixel.
 
     Returns:
         The path written, as a string.
@@ -372,8 +402,33 @@ def save_overlays(
     Raises:
         ValueError: on shape mismatches or ``n_slices < 1``.
     """
+    fig = overlay_figure(image, label, pred, n_slices, axis, class_names, air_threshold)
+    out = os.fspath(path)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out) or ".", f".tmp-{os.getpid()}-{os.path.basename(out)}")
+    try:
+        fig.savefig(tmp, dpi=80, format="png")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def overlay_figure(
+    image: Tensor | np.ndarray,
+    label: Tensor | np.ndarray,
+    pred: Tensor | np.ndarray,
+    n_slices: int = 3,
+    axis: int = 2,
+    class_names: Sequence[str] | None = None,
+    air_threshold: float | None = AIR_THRESHOLD,
+) -> Any:
+    """The matplotlib ``Figure`` that :func:`save_overlays` writes (same arguments)."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     def vol(name: str, x: Tensor | np.ndarray) -> np.ndarray:
         a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)
@@ -392,30 +447,37 @@ def save_overlays(
     if candidates.size == 0:
         candidates = np.arange(img.shape[axis])
     picks = candidates[np.linspace(0, candidates.size - 1, n_slices).round().astype(int)]
-    vmax = max(int(lab.max()), int(prd.max()), 1)
+    top = max(int(lab.max()), int(prd.max()), len(class_names or ()), 1)
+    names = list(class_names) if class_names is not None else []
+    names += [f"class_{c}" for c in range(len(names) + 1, top + 1)]
+    cmap = colormaps["tab10" if top < 10 else "tab20"]
+    vmax = max(top, cmap.N - 1)
 
-    fig = Figure(figsize=(9, 3 * n_slices))
+    fig = Figure(figsize=(9, 3 * n_slices + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_slices, 3, squeeze=False)
     for row, s in enumerate(picks):
         im = np.take(img, s, axis=axis).T
+        outside = ~body_mask(im, air_threshold) if air_threshold is not None else None
         for col, (title, overlay) in enumerate((("image", None), ("label", lab), ("pred", prd))):
             ax = axes[row][col]
             ax.imshow(im, cmap="gray", origin="lower")
             if overlay is not None:
                 sl = np.take(overlay, s, axis=axis).T
+                hide = sl == 0 if outside is None else (sl == 0) | outside
                 ax.imshow(
-                    np.ma.masked_equal(sl, 0),
-                    cmap="tab10",
+                    np.ma.masked_array(sl, mask=hide),
+                    cmap=cmap,
                     vmin=0,
-                    vmax=max(vmax, 9),
+                    vmax=vmax,
                     alpha=0.5,
                     origin="lower",
                     interpolation="nearest",
                 )
             ax.set_title(f"{title}, slice {int(s)}")
             ax.axis("off")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return os.fspath(path)
+    handles = [Patch(facecolor=cmap(c / vmax), alpha=0.5, label=f"{c} {names[c - 1]}")
+               for c in range(1, top + 1)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3 * n_slices + 0.6), 1, 1))
+    return fig
