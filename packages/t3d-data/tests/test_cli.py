@@ -22,13 +22,15 @@ def test_help_does_not_import_torch():
     assert "prepare" in res.stdout and "demo" in res.stdout
 
 
-def test_bad_input_prints_one_line_and_exits_2(tmp_path):
+def test_bad_input_prints_one_line_per_error_and_exits_2(tmp_path):
     bad = tmp_path / "studies.jsonl"
     bad.write_text('{"study_id": "a", "patient_id": "p", "image": "a.nii", "report": " "}\n'
                    '{"study_id": "b"}\n', encoding="utf-8")
     res = _cli("prepare", bad, tmp_path / "out")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.count("\n") == 1 and res.stderr.startswith("t3d-data: error: ")
+    lines = res.stderr.splitlines()
+    assert lines[0] == "t3d-data: error: 4 error(s) in manifest:" and len(lines) == 5
+    assert all(line.startswith("t3d-data: error: studies.jsonl line ") for line in lines[1:])
     assert "studies.jsonl line 1: field 'report': empty text (study 'a')" in res.stderr
     assert "studies.jsonl line 2: field 'patient_id'" in res.stderr
     res = _cli("validate", tmp_path / "missing.jsonl")

@@ -77,15 +77,16 @@ def test_quarantine_and_abort_threshold(tmp_path, make_dataset, caplog):
     (q,) = [json.loads(x) for x in (tmp_path / "s1/quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
     assert q["study_id"] == "ct_003" and "truncated" in q["reason"]
     assert "ct_003" not in {r.study_id for r in VolumeStore(tmp_path / "s1").records}
-    # a second bad study passes the 10% threshold -> abort, good studies kept in the index
+    # a second bad study passes the 10% threshold -> fails after trying every study, all good
+    # studies kept in the index
     (data / "report_7.txt").write_bytes(b"  ")
     lines = manifest.read_text(encoding="utf-8").splitlines()
     lines[7] = lines[7].replace('"report": "Findings:  case 1.\\n\\nImpression: ok"', '"report": "report_7.txt"')
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(PrepareAborted, match="2 of 10 studies are bad") as exc:
         prepare(manifest, tmp_path / "s2", max_bad_fraction=0.1, progress=False)
-    assert exc.value.quarantined == 2 and exc.value.prepared == 6
-    assert len(VolumeStore(tmp_path / "s2")) == 6
+    assert exc.value.quarantined == 2 and exc.value.prepared == 8
+    assert len(VolumeStore(tmp_path / "s2")) == 8
     with pytest.raises(ManifestError):  # manifest errors stop before writing anything
         (data / "bad.jsonl").write_text('{"study_id": "x"}\n', encoding="utf-8")
         prepare(data / "bad.jsonl", tmp_path / "s3", progress=False)

@@ -1,7 +1,8 @@
 """Command line: ``t3d-data prepare | validate | phantom | demo``.
 
 Heavy modules (torch, zarr, SimpleITK) are imported inside the commands, so ``--help`` is fast.
-Bad input prints one line to stderr and exits with status 2 (no traceback).
+Bad input prints one line per problem to stderr, each naming the file/field (or the option, as
+spelled on the command line) and the fix, and exits with status 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -15,14 +16,19 @@ from pathlib import Path
 __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
+_MIN_PHANTOM_EDGE = 24  # t3d_data.phantom's smallest volume edge
 
 
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64, help="chunk edge in voxels (default 64)")
     p.add_argument("--max-bad-fraction", type=float, default=0.05,
-                   help="abort when more than this fraction of studies is bad (default 0.05)")
+                   help="fail when more than this fraction of studies is bad, after trying them "
+                   "all (default 0.05)")
     p.add_argument("--max-voxels", type=int, default=2**31,
-                   help="refuse volumes with more voxels (default 2**31)")
+                   help="refuse volumes whose header declares more voxels (default 2**31)")
+    p.add_argument("--max-bytes", type=int, default=2**32,
+                   help="refuse volumes whose header declares more decoded voxel bytes, voxels x "
+                   "datatype size (default 2**32 = 4 GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="prepare a manifest into a chunked zarr store")
     p.add_argument("manifest", type=Path, help="JSONL or CSV manifest")
-    p.add_argument("out", type=Path, help="store folder (created; reruns resume)")
+    p.add_argument("out", type=Path, help="store folder: new, empty, or a store prepare created "
+                   "(reruns resume)")
     _add_prepare_args(p)
     p = sub.add_parser("validate", help="check a manifest and list all its errors")
     p.add_argument("manifest", type=Path)
@@ -50,11 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Checks option values up front, naming them as the user typed them."""
+    checks = [
+        ("chunk", "--chunk", lambda v: v >= 1, "must be >= 1"),
+        ("max_bad_fraction", "--max-bad-fraction", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("max_voxels", "--max-voxels", lambda v: v >= 1, "must be >= 1"),
+        ("max_bytes", "--max-bytes", lambda v: v >= 1, "must be >= 1"),
+        ("studies", "--studies", lambda v: v >= 1, "must be >= 1"),
+        ("shape", "--shape", lambda v: v is None or min(v) >= _MIN_PHANTOM_EDGE,
+         f"must be 3 sizes >= {_MIN_PHANTOM_EDGE} voxels (X Y Z)"),
+    ]
+    for attr, flag, ok, rule in checks:
+        value = getattr(args, attr, None)
+        if attr in vars(args) and not ok(value):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ValueError(f"{flag} {rule}, got {shown}")
+
+
 def _prepare(manifest: Path, out: Path, args: argparse.Namespace) -> None:
     from t3d_data.store import prepare
 
     summary = prepare(manifest, out, chunk=args.chunk, max_bad_fraction=args.max_bad_fraction,
-                      max_voxels=args.max_voxels, progress=not args.no_progress)
+                      max_voxels=args.max_voxels, max_bytes=args.max_bytes,
+                      progress=not args.no_progress)
     print(summary)
 
 
@@ -69,6 +95,7 @@ def _phantom(out: Path, args: argparse.Namespace) -> Path:
 
 
 def _run(args: argparse.Namespace) -> None:
+    _check_args(args)
     if args.command == "prepare":
         _prepare(args.manifest, args.out, args)
     elif args.command == "validate":
@@ -96,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(args)
     except (T3DDataError, FileNotFoundError, ValueError) as err:
-        one_line = "; ".join(line for line in str(err).splitlines() if line.strip())
-        print(f"t3d-data: error: {one_line}", file=sys.stderr)
+        lines = [line for line in str(err).splitlines() if line.strip()] or [repr(err)]
+        print("\n".join(f"t3d-data: error: {line}" for line in lines), file=sys.stderr)
         return EXIT_BAD_INPUT
     except ImportError as err:  # e.g. an optional part of the package is missing
         print(f"t3d-data: error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ on ``(seed, epoch, study index)``, so it is identical for any number of DataLoad
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,14 +18,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 
 from t3d_data.crops import CropConfig, RandCropSampler, scale_hu_window
-from t3d_data.errors import StudyLoadError
+from t3d_data.errors import StoreError, StudyLoadError
 from t3d_data.store import VolumeStore
 
 __all__ = ["CropDataset", "DataConfig", "VolumeDataset", "build_crop_loader", "collate_crops"]
 
+logger = logging.getLogger(__name__)
+
 
 def _open(store: VolumeStore | str | Path) -> VolumeStore:
     return store if isinstance(store, VolumeStore) else VolumeStore(store)
+
+
+def _check_not_empty(store: VolumeStore, split: str | None, n: int, require: bool) -> None:
+    """Names an empty selection (instead of torch's ``num_samples=0``): raises when ``require``,
+    else warns (callers such as evaluation tools check ``len`` themselves)."""
+    if n:
+        return
+    counts: dict[str | None, int] = {}
+    for r in store.records:
+        counts[r.split] = counts.get(r.split, 0) + 1
+    where = f" in split '{split}'" if split is not None else ""
+    have = ", ".join(f"{k if k is not None else 'no split'}: {v}" for k, v in counts.items())
+    have = have or "none"
+    message = (f"store {store.path} has 0 studies{where} (studies per split: {have}); prepare a "
+               "manifest with studies in that split, or choose another split (data.split)")
+    if require:
+        raise StoreError(message)
+    logger.warning("%s", message)
 
 
 class CropDataset(Dataset):
@@ -36,6 +57,8 @@ class CropDataset(Dataset):
         split: ``"train"``/``"val"``/``"test"``, or ``None`` for all studies.
         max_studies: keep only the first N studies of the split (store order), e.g. for a
             quick demo or an overfitting check; ``None`` keeps all.
+        require_studies: raise :class:`StoreError` (``store X has 0 studies in split
+            'train'``) when the split is empty; otherwise that is only logged as a warning.
 
     Call :meth:`set_epoch` before each epoch; with DataLoader workers use
     ``persistent_workers=False`` (the default) so that workers see the new epoch.
@@ -48,7 +71,8 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, store: VolumeStore | str | Path, crop_config: CropConfig | None = None,
-                 split: str | None = None, max_studies: int | None = None):
+                 split: str | None = None, max_studies: int | None = None, *,
+                 require_studies: bool = False):
         self.store = _open(store)
         self.config = crop_config or CropConfig()
         self.sampler = RandCropSampler.from_config(self.config)
@@ -58,6 +82,7 @@ class CropDataset(Dataset):
             if max_studies < 1:
                 raise ValueError(f"max_studies must be >= 1 or None; got {max_studies}")
             self.indices = self.indices[:max_studies]
+        _check_not_empty(self.store, split, len(self.indices), require_studies)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,6 +138,7 @@ class VolumeDataset(Dataset):
         split: split to serve, or ``None`` for all.
         hu_window: HU range mapped to [0, 1].
         finding_names: order of the ``labels`` vector (default: the store's findings).
+        require_studies: raise :class:`StoreError` when the split is empty (else a warning).
 
     Each item: ``image`` float32 (1, X, Y, Z); ``labels`` float32 (F,) with NaN where the study
     has no label for a finding; ``mask`` long (1, X, Y, Z) only when the study has one;
@@ -121,9 +147,10 @@ class VolumeDataset(Dataset):
 
     def __init__(self, store: VolumeStore | str | Path, split: str | None = None,
                  hu_window: tuple[float, float] = (-1000.0, 1000.0),
-                 finding_names: Sequence[str] | None = None):
+                 finding_names: Sequence[str] | None = None, *, require_studies: bool = False):
         self.store = _open(store)
         self.indices = self.store.indices(split)
+        _check_not_empty(self.store, split, len(self.indices), require_studies)
         self.hu_window = hu_window
         self.finding_names = list(finding_names if finding_names is not None
                                   else self.store.finding_names)
@@ -190,8 +217,13 @@ def build_crop_loader(config: DataConfig, epoch: int = 0) -> DataLoader:
     """Builds the crop DataLoader of one epoch from a :class:`DataConfig`.
 
     Study order and crops are reproducible from ``(config.crop.seed, epoch)``.
+
+    Raises:
+        StoreError: the store has no studies in ``config.split`` (named, with the splits the
+            store does have).
     """
-    dataset = CropDataset(config.store, config.crop, split=config.split, max_studies=config.max_studies)
+    dataset = CropDataset(config.store, config.crop, split=config.split,
+                          max_studies=config.max_studies, require_studies=True)
     dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(config.crop.seed * 1_000_003 + epoch)
     return DataLoader(

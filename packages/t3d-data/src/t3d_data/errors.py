@@ -5,6 +5,10 @@ Every message names the culprit (file, line, field or study) and, where there is
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
 __all__ = [
     "T3DDataError",
     "ManifestError",
@@ -47,23 +51,44 @@ class StoreError(T3DDataError, OSError):
 
 
 class PrepareAborted(T3DDataError, RuntimeError):
-    """``prepare`` stopped because too many studies were bad.
+    """``prepare`` tried every study and failed: too many are bad, or none is usable.
+
+    The good studies stay prepared in the store (its index names them); ``quarantine.jsonl``
+    in the store lists every bad one with its reason.
 
     Attributes:
         prepared: studies written in this run.
         skipped: studies already present with the same source hash.
         quarantined: bad studies (see ``quarantine.jsonl`` in the store).
         total: studies in the manifest.
+        bad: ``(study_id, reason)`` of every bad study.
+        quarantine: path of ``quarantine.jsonl`` (``None`` when not given).
     """
 
-    def __init__(self, prepared: int, skipped: int, quarantined: int, total: int, limit: float):
+    def __init__(self, prepared: int, skipped: int, quarantined: int, total: int, limit: float,
+                 *, bad: Sequence[tuple[str, str]] = (), quarantine: str | Path | None = None,
+                 store: str | Path | None = None):
         self.prepared, self.skipped, self.quarantined, self.total = (
             prepared, skipped, quarantined, total)
+        self.bad = list(bad)
+        self.quarantine = Path(quarantine) if quarantine is not None else None
+        ids = ", ".join(f"'{sid}'" for sid, _ in self.bad[:10])
+        if len(self.bad) > 10:
+            ids += f" and {len(self.bad) - 10} more"
+        where = f"the reasons are in {self.quarantine}" if self.quarantine else (
+            "see quarantine.jsonl in the store for the reasons")
+        if prepared + skipped == 0:
+            name = f"store {store}" if store is not None else "the store"
+            super().__init__(
+                f"prepare failed: {name} has 0 usable studies: all {total} studies of the "
+                f"manifest are bad{': ' + ids if ids else ''}; {where}; fix the inputs.")
+            return
+        allowed = math.floor(limit * total + 1e-9)
         super().__init__(
-            f"prepare aborted: {quarantined} of {total} studies are bad "
-            f"(more than max_bad_fraction={limit:g}); {prepared} prepared, {skipped} skipped. "
-            "See quarantine.jsonl in the store for the reasons; fix the inputs or raise "
-            "--max-bad-fraction.")
+            f"prepare aborted: {quarantined} of {total} studies are bad, more than "
+            f"max_bad_fraction={limit:g} allows ({allowed}){': ' + ids if ids else ''}. "
+            f"The {prepared + skipped} good studies are prepared ({prepared} written, {skipped} "
+            f"unchanged); {where}; fix the inputs or raise --max-bad-fraction.")
 
 
 class StudyLoadError(T3DDataError, RuntimeError):

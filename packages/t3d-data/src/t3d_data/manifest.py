@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from t3d_data.errors import ManifestError
-from t3d_data.text import is_report_path, normalise_report
+from t3d_data.text import decode_utf8, is_report_path, normalise_report
 
 __all__ = ["SPLITS", "StudyRecord", "load_manifest", "patient_split"]
 
 SPLITS = ("train", "val", "test")
+_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv")
 Split = Literal["train", "val", "test"]
 
 
@@ -54,6 +62,7 @@ class StudyRecord(BaseModel):
     split: Split | None = None
     labels: dict[str, int] = {}
     mask: Path | None = None
+    _inline_replaced_bytes: int = PrivateAttr(0)
 
     @field_validator("study_id", "patient_id", mode="before")
     @classmethod
@@ -113,9 +122,34 @@ class StudyRecord(BaseModel):
         """The report file when ``report`` names one, else ``None``."""
         return Path(self.report) if is_report_path(self.report) else None
 
+    @property
+    def inline_replaced_bytes(self) -> int:
+        """Invalid UTF-8 bytes of the manifest itself replaced in an inline ``report``."""
+        return self._inline_replaced_bytes
+
+
+def _repair_utf8(value: Any) -> tuple[Any, int]:
+    """Replaces invalid UTF-8 (read as surrogate escapes) like ``errors="replace"``, counting
+    the replaced bytes, in a string or any string inside lists and dicts."""
+    if isinstance(value, str):
+        if not any("\udc80" <= c <= "\udcff" for c in value):
+            return value, 0
+        return decode_utf8(value.encode("utf-8", "surrogateescape"))
+    if isinstance(value, list):
+        fixed = [_repair_utf8(v) for v in value]
+        return [v for v, _ in fixed], sum(n for _, n in fixed)
+    if isinstance(value, dict):
+        total, out = 0, {}
+        for k, v in value.items():
+            (k, nk), (v, nv) = _repair_utf8(k), _repair_utf8(v)
+            out[k] = v
+            total += nk + nv
+        return out, total
+    return value, 0
+
 
 def _rows_jsonl(path: Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    with path.open("r", encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -126,7 +160,7 @@ def _rows_jsonl(path: Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
 
 
 def _rows_csv(path: Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8", errors="replace", newline="") as f:
+    with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             errors.append(f"{path.name} line 1: missing header row")
@@ -165,18 +199,29 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> list[StudyRe
     Returns:
         The records, in file order.
 
+    Invalid UTF-8 in the file is replaced by U+FFFD; in an inline ``report`` the replaced
+    bytes are counted (:attr:`StudyRecord.inline_replaced_bytes`).
+
     Raises:
         ManifestError: listing all errors of the file at once, e.g.
-            ``"studies.jsonl line 17: field 'report': empty text (study 'ct_0042')"``.
+            ``"studies.jsonl line 17: field 'report': empty text (study 'ct_0042')"``, and one
+            per patient whose studies are in more than one split; a folder instead of a file
+            gets a hint naming the manifest it holds.
     """
     path = Path(path)
+    if path.is_dir():
+        found = [path / "manifest.jsonl"] if (path / "manifest.jsonl").is_file() else sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES)
+        hint = (f"did you mean {found[0]}?" if found
+                else "it holds no .jsonl or .csv file; give the manifest's path")
+        raise ManifestError([f"{path}: expected a manifest file, got a folder; {hint}"])
     if not path.is_file():
         raise ManifestError([f"{path}: manifest not found"])
     errors: list[str] = []
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _rows_csv(path, errors)
-    elif suffix in (".jsonl", ".json", ".ndjson"):
+    elif suffix in _SUFFIXES:
         rows = _rows_jsonl(path, errors)
     else:
         raise ManifestError([f"{path}: unknown manifest format '{suffix}' (use .jsonl or .csv)"])
@@ -187,6 +232,9 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> list[StudyRe
         if not isinstance(row, dict):
             errors.append(f"{path.name} line {lineno}: expected a JSON object")
             continue
+        replaced = {}
+        for key in list(row):
+            row[key], replaced[key] = _repair_utf8(row[key])
         study = row.get("study_id")
         study = str(study) if study not in (None, "") else None
         try:
@@ -199,17 +247,42 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> list[StudyRe
                           f"{first_line[rec.study_id]} (study '{rec.study_id}')")
             continue
         first_line[rec.study_id] = lineno
+        if rec.report_path is None:
+            rec._inline_replaced_bytes = replaced.get("report", 0)
         if check_files:
             for field, p in (("image", rec.image), ("mask", rec.mask), ("report", rec.report_path)):
                 if p is not None and not p.exists():
                     errors.append(f"{path.name} line {lineno}: field '{field}': file not found: "
                                   f"{p} (study '{rec.study_id}')")
         records.append(rec)
+    errors.extend(_patient_leaks(path.name, records, first_line))
     if not records and not errors:
         errors.append(f"{path.name}: no studies")
     if errors:
         raise ManifestError(errors)
     return records
+
+
+def _patient_leaks(name: str, records: Sequence[StudyRecord], lines: Mapping[str, int]
+                   ) -> list[str]:
+    """One error per patient whose studies are in more than one split."""
+    splits: dict[str, dict[str, list[int]]] = {}
+    for r in records:
+        if r.split is not None:
+            splits.setdefault(r.patient_id, {}).setdefault(r.split, []).append(lines[r.study_id])
+    errors = []
+    for patient, by_split in splits.items():
+        if len(by_split) < 2:
+            continue
+        parts = []
+        for split, nums in by_split.items():
+            shown = ", ".join(map(str, nums[:10])) + (f" and {len(nums) - 10} more"
+                                                      if len(nums) > 10 else "")
+            parts.append(f"'{split}' (line{'s' if len(nums) > 1 else ''} {shown})")
+        errors.append(f"{name}: patient '{patient}' is in more than one split: {', '.join(parts)}; "
+                      "splits must never share a patient: put all of its studies in one split "
+                      "(field 'split')")
+    return errors
 
 
 def patient_split(

@@ -2,13 +2,17 @@
 
 Axis convention of docs/architecture.md: array axes (0, 1, 2) run towards patient Right,
 Anterior, Superior, exactly as ``nibabel.as_closest_canonical`` orders them. Sizes declared by
-headers are checked against ``max_voxels`` and the file size before any voxel is allocated.
+headers are checked against ``max_voxels``, ``max_bytes`` (voxels x datatype size) and the file
+size before any voxel is allocated; ``.nii.gz`` voxels are decompressed as a bounded stream that
+stops at the bytes the header implies, so a forged gzip trailer costs no memory.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,10 @@ __all__ = ["Volume", "read_mask", "read_volume", "to_canonical"]
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 _NAN_HU = -1024  # NaN voxels (broken floats) become air
+DEFAULT_MAX_VOXELS = 2**31
+DEFAULT_MAX_BYTES = 2**32  # decoded voxel bytes a header may declare (4 GiB)
+_SLAB_BYTES = 1 << 24  # bytes decompressed and converted at a time
+_READ_PIECE = 1 << 24
 
 
 @dataclass
@@ -80,41 +88,97 @@ def _to_int16(raw: np.ndarray, slope: float = 1.0, inter: float = 0.0, *, intege
     return out
 
 
-def _check_nvox(path: Path, shape: tuple[int, ...], max_voxels: int) -> int:
-    nvox = math.prod(int(s) for s in shape)
+def _check_budget(path: Path, shape: tuple[int, ...], itemsize: int, dtype_name: str,
+                  max_voxels: int, max_bytes: int) -> int:
+    """Checks the voxels and the decoded bytes a header declares; returns the bytes."""
+    dims = tuple(int(s) for s in shape)
+    nvox = math.prod(dims)
     if nvox > max_voxels:
         raise VolumeReadError(
-            f"{path}: header declares {tuple(int(s) for s in shape)} = {nvox:,} voxels, more than "
+            f"{path}: header declares {dims} = {nvox:,} voxels, more than "
             f"max_voxels={max_voxels:,}; check the header or raise max_voxels (--max-voxels)")
-    return nvox
-
-
-def _check_nifti_size(path: Path, img: Any, nvox: int) -> None:
-    hdr = img.header
-    offset = int(getattr(img.dataobj, "offset", 0) or hdr.get_data_offset())
-    need = offset + nvox * hdr.get_data_dtype().itemsize
-    size = path.stat().st_size
-    if path.name.lower().endswith(".gz"):
-        if size < 18 + 8:
-            raise VolumeReadError(f"{path}: truncated gzip file ({size} bytes); re-export it")
-        with path.open("rb") as f:
-            f.seek(-4, 2)
-            isize = struct.unpack("<I", f.read(4))[0]
-        if isize != need % 2**32:
-            raise VolumeReadError(
-                f"{path}: the header implies {need:,} uncompressed bytes but the gzip trailer "
-                f"says {isize:,} (mod 2^32): the file is truncated or its header lies about the "
-                "dimensions/datatype; re-export it")
-    elif size != need:
-        what = "truncated" if size < need else "longer than its header declares"
+    nbytes = nvox * itemsize
+    if nbytes > max_bytes:
         raise VolumeReadError(
-            f"{path}: file is {what}: header (shape {img.shape}, {hdr.get_data_dtype()}, "
-            f"vox_offset {offset}) implies {need:,} bytes, file has {size:,}; re-export it or fix "
-            "the header")
+            f"{path}: header declares {dims} {dtype_name} = {nvox:,} voxels x {itemsize} bytes = "
+            f"{nbytes:,} bytes, more than max_bytes={max_bytes:,}; check the header or raise "
+            "max_bytes (--max-bytes)")
+    return nbytes
 
 
-def _load_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Returns (raw array, affine, slope, intercept) after the size checks."""
+def _check_gzip_trailer(path: Path, need: int) -> None:
+    """Cheap early check: the gzip length trailer must match the header (mod 2**32). A forged
+    trailer passes it; :func:`_read_gz_voxels` is the real, streaming check."""
+    size = path.stat().st_size
+    if size < 18 + 8:
+        raise VolumeReadError(f"{path}: truncated gzip file ({size} bytes); re-export it")
+    with path.open("rb") as f:
+        f.seek(-4, 2)
+        isize = struct.unpack("<I", f.read(4))[0]
+    if isize != need % 2**32:
+        raise VolumeReadError(
+            f"{path}: the header implies {need:,} uncompressed bytes but the gzip trailer "
+            f"says {isize:,} (mod 2^32): the file is truncated or its header lies about the "
+            "dimensions/datatype; re-export it")
+
+
+def _read_exact(f: Any, n: int) -> bytes:
+    """Up to ``n`` bytes of a stream, read in bounded pieces (fewer only at the end)."""
+    parts, got = [], 0
+    while got < n:
+        piece = f.read(min(_READ_PIECE, n - got))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read_gz_voxels(path: Path, shape: tuple[int, int, int], dtype: np.dtype, offset: int,
+                    slope: float, inter: float) -> np.ndarray:
+    """Decompresses a .nii.gz's voxels slab by slab (bounded memory) into int16 HU.
+
+    Never decompresses more than the header implies, and allocates the output only once the
+    stream has produced a first full slab, so a forged header costs no memory. Voxel data is
+    Fortran-ordered, so each contiguous run of bytes is a slab of whole z-planes.
+    """
+    x, y, z = shape
+    plane = x * y * dtype.itemsize
+    step = max(1, _SLAB_BYTES // max(plane, 1))
+    need = offset + plane * z
+    out: np.ndarray | None = None
+    done = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            done = len(_read_exact(f, offset))
+            for z0 in range(0, z, step):
+                k = min(step, z - z0)
+                data = _read_exact(f, plane * k)
+                done += len(data)
+                if len(data) < plane * k:
+                    break
+                raw = np.frombuffer(data, dtype=dtype).reshape((x, y, k), order="F")
+                if out is None:
+                    out = np.empty(shape, dtype=np.int16)
+                out[..., z0:z0 + k] = _to_int16(raw, slope, inter)
+            extra = len(f.read(1)) if done == need else 0
+    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise VolumeReadError(f"{path}: cannot read voxel data ({type(err).__name__}: {err}); "
+                              "the file is truncated or corrupt, re-export it") from err
+    if done < need:
+        raise VolumeReadError(
+            f"{path}: truncated: the header (shape {shape}, {dtype}, vox_offset {offset}) implies "
+            f"{need:,} uncompressed bytes but the data ends after {done:,}; the file is "
+            "truncated or its header lies about the dimensions/datatype; re-export it")
+    if extra:
+        raise VolumeReadError(
+            f"{path}: longer than its header declares (shape {shape}, {dtype}, vox_offset "
+            f"{offset} imply {need:,} uncompressed bytes); re-export it or fix the header")
+    return out if out is not None else np.empty(shape, dtype=np.int16)
+
+
+def _load_nifti(path: Path, max_voxels: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (int16 array with slope/intercept applied, affine) after the budget checks."""
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types on broken headers
@@ -124,20 +188,36 @@ def _load_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, fl
         shape = shape[:3]
     if len(shape) != 3:
         raise VolumeReadError(f"{path}: expected a 3D volume, header declares shape {img.shape}")
-    nvox = _check_nvox(path, shape, max_voxels)
-    _check_nifti_size(path, img, nvox)
+    hdr = img.header
+    dtype = hdr.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise VolumeReadError(f"{path}: unsupported NIfTI datatype {dtype}; expected a scalar "
+                              "integer or float volume")
+    nbytes = _check_budget(path, shape, dtype.itemsize, str(dtype), max_voxels, max_bytes)
     proxy = img.dataobj
-    try:
-        raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
-    except Exception as err:  # EOFError, zlib.error, OSError, ValueError
-        raise VolumeReadError(f"{path}: cannot read voxel data ({type(err).__name__}: {err}); "
-                              "the file is truncated or corrupt, re-export it") from err
+    offset = int(getattr(proxy, "offset", 0) or hdr.get_data_offset())
     slope = float(getattr(proxy, "slope", 1.0))
     inter = float(getattr(proxy, "inter", 0.0))
-    return raw, np.asarray(img.affine, dtype=np.float64), slope, inter
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if path.name.lower().endswith(".gz"):
+        _check_gzip_trailer(path, offset + nbytes)
+        return _read_gz_voxels(path, shape, dtype, offset, slope, inter), affine  # type: ignore[arg-type]
+    size = path.stat().st_size
+    if size != offset + nbytes:
+        what = "truncated" if size < offset + nbytes else "longer than its header declares"
+        raise VolumeReadError(
+            f"{path}: file is {what}: header (shape {img.shape}, {dtype}, vox_offset {offset}) "
+            f"implies {offset + nbytes:,} bytes, file has {size:,}; re-export it or fix the "
+            "header")
+    try:
+        raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)  # a memmap: reads lazily
+    except Exception as err:  # OSError, ValueError
+        raise VolumeReadError(f"{path}: cannot read voxel data ({type(err).__name__}: {err}); "
+                              "the file is truncated or corrupt, re-export it") from err
+    return _to_int16(raw, slope, inter), affine
 
 
-def _read_dicom(folder: Path, max_voxels: int, series_uid: str | None
+def _read_dicom(folder: Path, max_voxels: int, max_bytes: int, series_uid: str | None
                 ) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
@@ -159,10 +239,13 @@ def _read_dicom(folder: Path, max_voxels: int, series_uid: str | None
         info.SetFileName(files[0])
         info.ReadImageInformation()
         size = info.GetSize()
+        pixel = sitk.Image([1] * len(size), info.GetPixelID(), info.GetNumberOfComponents())
+        itemsize = pixel.GetSizeOfPixelComponent() * pixel.GetNumberOfComponentsPerPixel()
+        pixel_name = pixel.GetPixelIDTypeAsString()
     except RuntimeError as err:
         raise VolumeReadError(f"{files[0]}: cannot read DICOM header ({err})") from err
     shape = (size[0], size[1], len(files) * (size[2] if len(size) > 2 else 1))
-    _check_nvox(folder, shape, max_voxels)
+    _check_budget(folder, shape, itemsize, pixel_name, max_voxels, max_bytes)
     reader.SetFileNames(files)
     try:
         image = reader.Execute()  # sorted by position; applies rescale slope/intercept
@@ -181,13 +264,15 @@ def _read_dicom(folder: Path, max_voxels: int, series_uid: str | None
     return _to_int16(array), ras
 
 
-def read_volume(path: str | Path, max_voxels: int = 2**31, *, series_uid: str | None = None
-                ) -> Volume:
+def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, *,
+                max_bytes: int = DEFAULT_MAX_BYTES, series_uid: str | None = None) -> Volume:
     """Reads a CT volume as RAS-canonical int16 HU.
 
     Args:
         path: ``.nii``/``.nii.gz`` file, or a folder holding a DICOM series.
         max_voxels: refuse larger volumes (checked on the header, before allocating).
+        max_bytes: refuse volumes whose header declares more decoded voxel bytes (voxels x the
+            stored datatype's size; checked before allocating).
         series_uid: DICOM SeriesInstanceUID to read when the folder holds several series.
 
     Returns:
@@ -200,25 +285,26 @@ def read_volume(path: str | Path, max_voxels: int = 2**31, *, series_uid: str | 
     """
     path = Path(path)
     if path.is_dir():
-        array, affine = _read_dicom(path, max_voxels, series_uid)
+        array, affine = _read_dicom(path, max_voxels, max_bytes, series_uid)
     elif path.is_file():
         if not path.name.lower().endswith((".nii", ".nii.gz")):
             raise VolumeReadError(f"{path}: unsupported image format; give a .nii/.nii.gz file "
                                   "or a DICOM series folder")
-        raw, affine, slope, inter = _load_nifti(path, max_voxels)
-        array = _to_int16(raw, slope, inter)
+        array, affine = _load_nifti(path, max_voxels, max_bytes)
     else:
         raise VolumeReadError(f"{path}: image not found")
     array, affine = to_canonical(array, affine)
     return Volume(array=array, affine=affine, spacing=_spacing(affine))
 
 
-def read_mask(path: str | Path, max_voxels: int = 2**31) -> Volume:
+def read_mask(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, *,
+              max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     """Reads a NIfTI label map, reoriented exactly like :func:`read_volume`.
 
     Args:
         path: ``.nii``/``.nii.gz`` label map.
         max_voxels: refuse larger maps before allocating.
+        max_bytes: refuse maps whose header declares more decoded bytes.
 
     Returns:
         A :class:`Volume` whose ``array`` is uint8 when the labels fit in 0..255, else int16.
@@ -231,8 +317,7 @@ def read_mask(path: str | Path, max_voxels: int = 2**31) -> Volume:
         raise VolumeReadError(f"{path}: mask not found")
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise VolumeReadError(f"{path}: masks must be .nii/.nii.gz label maps")
-    raw, affine, slope, inter = _load_nifti(path, max_voxels)
-    labels = _to_int16(raw, slope, inter)
+    labels, affine = _load_nifti(path, max_voxels, max_bytes)
     if labels.size and labels.min() >= 0 and labels.max() <= 255:
         labels = labels.astype(np.uint8)
     labels, affine = to_canonical(labels, affine)

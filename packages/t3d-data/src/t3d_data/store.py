@@ -2,7 +2,8 @@
 
 ``prepare`` ingests a manifest once (resumable, atomic per study, bad studies quarantined) so
 that a random crop later reads about its own bytes instead of the whole volume (docs/method.md,
-"Data"). ``VolumeStore`` opens a prepared store for reading.
+"Data"). It only writes into a new or empty folder or a store it created (``t3d-store.json``),
+and only removes its own entries. ``VolumeStore`` opens a prepared store for reading.
 """
 
 from __future__ import annotations
@@ -25,20 +26,26 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from t3d_data.errors import PrepareAborted, StoreError, T3DDataError, VolumeReadError
 from t3d_data.manifest import StudyRecord, load_manifest
-from t3d_data.readers import read_mask, read_volume
+from t3d_data.readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, read_mask, read_volume
 from t3d_data.text import load_report, report_group_ids
 
-__all__ = ["INDEX_NAME", "QUARANTINE_NAME", "PrepareSummary", "StoreRecord", "VolumeStore",
-           "prepare", "source_hash"]
+__all__ = ["INDEX_NAME", "MARKER_NAME", "QUARANTINE_NAME", "PrepareSummary", "StoreRecord",
+           "VolumeStore", "prepare", "source_hash"]
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 QUARANTINE_NAME = "quarantine.jsonl"
+MARKER_NAME = "t3d-store.json"  # written by prepare into every store it creates
 STUDIES_DIR = "studies"
 FORMAT = "t3d-store"
 FORMAT_VERSION = 1
 _TMP_PREFIX = ".tmp-"
+_KEY = r"[A-Za-z0-9._-]*-[0-9a-f]{6}-[0-9a-f]{12}"
+# prepare's own temporary entries (of this or a killed run); nothing else is ever removed
+_TMP_STUDY = re.compile(rf"\.tmp-{_KEY}\.\d+")
+_TMP_FILE = re.compile(rf"\.tmp-(?:{re.escape(INDEX_NAME)}|{re.escape(QUARANTINE_NAME)}|"
+                       rf"{re.escape(MARKER_NAME)})\.\d+")
 # Test hook: seconds to sleep between writing a study's temporary folder and renaming it, so
 # tests can SIGKILL a prepare run mid-study. Never set in normal use.
 _TEST_DELAY_ENV = "T3D_DATA_PREPARE_TEST_DELAY"
@@ -129,13 +136,30 @@ def source_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _key(study_id: str, digest: str) -> str:
+def _key_prefix(study_id: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", study_id)[:80].lstrip(".") or "study"
-    return f"{safe}-{hashlib.sha1(study_id.encode()).hexdigest()[:6]}-{digest[:12]}"
+    return f"{safe}-{hashlib.sha1(study_id.encode()).hexdigest()[:6]}-"
+
+
+def _key(study_id: str, digest: str) -> str:
+    return _key_prefix(study_id) + digest[:12]
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -145,6 +169,51 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _claim_store(out: Path) -> None:
+    """Makes ``out`` a store folder, or refuses one that ``prepare`` did not create.
+
+    New or empty folders get the marker file; a folder with the marker is ours; a store written
+    before markers existed (a valid ``index.json``) is adopted. Anything else is refused, so
+    that prepare never writes (or deletes) inside a folder of the user's.
+    """
+    marker = out / MARKER_NAME
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a folder; give a new or empty folder as OUT")
+    if marker.is_file():
+        try:
+            ok = json.loads(marker.read_text(encoding="utf-8")).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise StoreError(f"{marker}: not a t3d-store marker; give a new or empty folder as OUT")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            _read_index(out)
+        except StoreError:
+            raise StoreError(
+                f"{out}: not a store created by t3d-data prepare (no {MARKER_NAME} marker) and "
+                "not empty; prepare only writes into a new or empty folder or its own store, so "
+                "that nothing of yours is deleted: give a new or empty folder as OUT") from None
+        logger.warning("%s: adopting a store prepared before %s markers existed", out,
+                       MARKER_NAME)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(marker, {"format": FORMAT, "version": FORMAT_VERSION,
+                                "created_by": "t3d-data prepare",
+                                "note": "prepare only writes and removes its own entries here"})
+
+
+def _remove_own_temps(out: Path) -> None:
+    """Removes the temporary entries a killed run left (only names prepare itself uses)."""
+    for entry in (out / STUDIES_DIR).iterdir():
+        if _TMP_STUDY.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+    for entry in out.iterdir():
+        if _TMP_FILE.fullmatch(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
 
 
 def _write_index(out: Path, entries: Sequence[StoreRecord]) -> None:
@@ -196,20 +265,21 @@ def _write_study(out: Path, key: str, image: np.ndarray, mask: np.ndarray | None
 
 
 def _prepare_one(rec: StudyRecord, out: Path, prev: StoreRecord | None, chunk: int,
-                 max_voxels: int) -> tuple[StoreRecord, bool]:
+                 max_voxels: int, max_bytes: int) -> tuple[StoreRecord, bool]:
     """Returns (entry, written) for one study; raises T3DDataError for a bad study."""
     report = load_report(rec.report, rec.image.parent)
     digest = source_hash(rec.image)
     mask_digest = source_hash(rec.mask) if rec.mask is not None else None
+    replaced = report.replaced_bytes + rec.inline_replaced_bytes
     meta = {"patient_id": rec.patient_id, "split": rec.split, "report": report.text,
-            "replaced_bytes": report.replaced_bytes, "labels": dict(rec.labels)}
+            "replaced_bytes": replaced, "labels": dict(rec.labels)}
     if (prev is not None and prev.source_sha256 == digest and prev.mask_sha256 == mask_digest
             and (out / STUDIES_DIR / prev.key).is_dir()):
         return prev.model_copy(update=meta), False
-    vol = read_volume(rec.image, max_voxels=max_voxels)
+    vol = read_volume(rec.image, max_voxels=max_voxels, max_bytes=max_bytes)
     mask_arr = None
     if rec.mask is not None:
-        mask = read_mask(rec.mask, max_voxels=max_voxels)
+        mask = read_mask(rec.mask, max_voxels=max_voxels, max_bytes=max_bytes)
         if mask.array.shape != vol.array.shape:
             raise VolumeReadError(f"{rec.mask}: mask shape {mask.array.shape} != image shape "
                                   f"{vol.array.shape} (after RAS reorientation)")
@@ -235,7 +305,8 @@ def prepare(
     *,
     chunk: int = 64,
     max_bad_fraction: float = 0.05,
-    max_voxels: int = 2**31,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     progress: bool = True,
 ) -> PrepareSummary:
     """Prepares a manifest into a chunked zarr v3 store (resumable; see docs/data.md).
@@ -243,13 +314,20 @@ def prepare(
     Each study is written into a temporary folder and renamed into place, then ``index.json``
     is replaced atomically, so a killed run never leaves a half study that looks complete. A
     rerun skips studies whose source content hash is unchanged (updating their metadata).
+    Every study is tried; bad ones are quarantined and the verdict comes at the end.
+
+    ``out_dir`` must be new, empty, or a store that ``prepare`` created (it holds the
+    ``t3d-store.json`` marker). Inside it, ``prepare`` only removes its own temporary entries
+    and the folders of studies its index names; anything else is left untouched.
 
     Args:
         manifest_path: JSONL/CSV manifest (see :func:`t3d_data.load_manifest`).
         out_dir: store folder (created).
         chunk: chunk edge in voxels (chunks are ``chunk``³, clipped to the volume).
-        max_bad_fraction: abort when more than this fraction of the manifest is bad.
+        max_bad_fraction: fail when more than this fraction of the manifest is bad.
         max_voxels: refuse volumes with more voxels (checked before allocating).
+        max_bytes: refuse volumes whose header declares more decoded voxel bytes (voxels x
+            the stored datatype's size; checked before allocating).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -257,7 +335,10 @@ def prepare(
 
     Raises:
         ManifestError: the manifest is invalid (nothing is written).
-        PrepareAborted: too many bad studies (the index keeps the good ones).
+        StoreError: ``out_dir`` is a non-empty folder that ``prepare`` did not create (nothing
+            is written).
+        PrepareAborted: after trying every study: more than ``max_bad_fraction`` of them are
+            bad, or none is usable (the index keeps every good one).
         ValueError: bad arguments.
     """
     from tqdm.auto import tqdm
@@ -266,33 +347,34 @@ def prepare(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    if max_voxels < 1 or max_bytes < 1:
+        raise ValueError(f"max_voxels and max_bytes must be >= 1, got {max_voxels}, {max_bytes}")
     start = time.perf_counter()
     records = load_manifest(manifest_path, check_files=False)
     out = Path(out_dir)
-    (out / STUDIES_DIR).mkdir(parents=True, exist_ok=True)
-    for leftover in (out / STUDIES_DIR).glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # half-written studies of a killed run
+    _claim_store(out)
+    (out / STUDIES_DIR).mkdir(exist_ok=True)
+    _remove_own_temps(out)  # half-written studies of a killed run
     old = {e.study_id: e for e in _read_index(out).studies} if (out / INDEX_NAME).exists() else {}
     current = dict(old)
     allowed_bad = math.floor(max_bad_fraction * len(records) + 1e-9)
-    prepared = skipped = bad = written = 0
-    with (out / QUARANTINE_NAME).open("w", encoding="utf-8") as quarantine:
+    prepared = skipped = written = 0
+    bad: list[tuple[str, str]] = []
+    quarantine_tmp = out / f"{_TMP_PREFIX}{QUARANTINE_NAME}.{os.getpid()}"
+    with quarantine_tmp.open("w", encoding="utf-8") as quarantine:
         for rec in tqdm(records, desc="prepare", unit="study", disable=not progress):
             try:
                 entry, was_written = _prepare_one(rec, out, old.get(rec.study_id), chunk,
-                                                  max_voxels)
+                                                  max_voxels, max_bytes)
             except (T3DDataError, OSError) as err:
-                bad += 1
                 reason = str(err)
+                bad.append((rec.study_id, reason))
                 logger.warning("quarantined study '%s': %s", rec.study_id, reason)
                 quarantine.write(json.dumps({"study_id": rec.study_id, "image": str(rec.image),
                                              "reason": reason}, ensure_ascii=False) + "\n")
                 quarantine.flush()
-                current.pop(rec.study_id, None)
-                _write_index(out, list(current.values()))
-                if bad > allowed_bad:
-                    raise PrepareAborted(prepared, skipped, bad, len(records),
-                                         max_bad_fraction) from err
+                if current.pop(rec.study_id, None) is not None:
+                    _write_index(out, list(current.values()))
                 continue
             prev = current.get(rec.study_id)
             current[rec.study_id] = entry
@@ -304,17 +386,49 @@ def prepare(
                     shutil.rmtree(out / STUDIES_DIR / prev.key, ignore_errors=True)
             else:
                 skipped += 1
+        quarantine.flush()
+        os.fsync(quarantine.fileno())
+    os.replace(quarantine_tmp, out / QUARANTINE_NAME)
     final = [current[r.study_id] for r in records if r.study_id in current]
     _write_index(out, final)
-    keep = {e.key for e in final}
-    for folder in (out / STUDIES_DIR).iterdir():
-        if folder.name not in keep:
-            logger.info("removing study folder not in the manifest: %s", folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
-    summary = PrepareSummary(out, len(records), prepared, skipped, bad, written,
+    _remove_stale_studies(out, final, old.values(), records)
+    if len(bad) > allowed_bad or not final:
+        raise PrepareAborted(prepared, skipped, len(bad), len(records), max_bad_fraction,
+                             bad=bad, quarantine=out / QUARANTINE_NAME, store=out)
+    summary = PrepareSummary(out, len(records), prepared, skipped, len(bad), written,
                              time.perf_counter() - start)
     logger.info("%s", summary)
     return summary
+
+
+def _remove_stale_studies(out: Path, final: Sequence[StoreRecord], old: Any,
+                          records: Sequence[StudyRecord]) -> None:
+    """Removes study folders of this store that the index no longer names.
+
+    Only names that prepare gives are removed (a previous index's key, or the key pattern of a
+    study id it knows); any other entry is left untouched and reported.
+    """
+    keep = {e.key for e in final}
+    old = list(old)
+    ours = {e.key for e in old}
+    ids = {r.study_id for r in records} | {e.study_id for e in old}
+    prefixes = {_key_prefix(sid) for sid in ids}
+    foreign = []
+    for folder in sorted((out / STUDIES_DIR).iterdir()):
+        name = folder.name
+        if name in keep:
+            continue
+        mine = name in ours or (re.fullmatch(_KEY, name) is not None and name[:-12] in prefixes)
+        if mine and folder.is_dir() and not folder.is_symlink():
+            logger.info("removing study folder not in the manifest: %s", name)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            foreign.append(name)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                          if len(foreign) > 5 else "")
+        logger.warning("%s: left %d entr%s not made by prepare untouched: %s",
+                       out / STUDIES_DIR, len(foreign), "y" if len(foreign) == 1 else "ies", shown)
 
 
 class VolumeStore:

@@ -95,6 +95,7 @@ def load_report(value: str, base_dir: str | Path = ".") -> ReportText:
         ReportError: the file is missing/unreadable or the text is empty after normalisation.
     """
     replaced = 0
+    path = None
     if is_report_path(value):
         path = Path(value.strip())
         if not path.is_absolute():
@@ -107,6 +108,9 @@ def load_report(value: str, base_dir: str | Path = ".") -> ReportText:
     else:
         text = value
     text = normalise_report(text)
+    if not text and path is not None:
+        raise ReportError(f"report file {path}: empty text ({len(raw)} bytes, only whitespace); "
+                          "write the report or drop the study from the manifest")
     if not text:
         raise ReportError("empty text")
     return ReportText(text=text, replaced_bytes=replaced)
