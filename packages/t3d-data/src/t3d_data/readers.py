@@ -79,7 +79,7 @@ def _to_int16(raw: np.ndarray, slope: float = 1.0, inter: float = 0.0, *, intege
     slab_voxels = max(1, int(np.prod(raw.shape[:-1])))
     step = max(1, (1 << 24) // slab_voxels)
     for z in range(0, raw.shape[-1], step):
-        slab = np.asarray(raw[..., z:z + step], dtype=np.float32)
+        slab = np.array(raw[..., z:z + step], dtype=np.float32)  # own, writable copy
         if slope != 1 or inter != 0:
             slab = slab * np.float32(slope) + np.float32(inter)
         np.nan_to_num(slab, copy=False, nan=_NAN_HU)
