@@ -66,3 +66,21 @@ def test_check_state_dict_ok_and_missing_files(tmp_path):
     check_state_dict(a, {"w": torch.ones(2)})
     with pytest.raises(FileNotFoundError, match="config.json"):
         T3DModel.from_pretrained(tmp_path)
+
+
+def test_files_and_folders_get_the_umask_modes(tiny_model, tmp_path):
+    """0644 files and 0755 folders under umask 022, like any other tool's output (not 0600)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tiny_model.save_pretrained(tmp_path / "ck")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "ck", *(tmp_path / "ck").rglob("*")]}
+    assert "ck/model.safetensors" in modes and "ck/text_encoder/tokenizer.json" in modes
+    assert not [p for p in modes if "/." in p], "temp files left behind"
+    wrong = {p: oct(m) for p, m in modes.items()
+             if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    assert not wrong, wrong

@@ -2,14 +2,15 @@
 
 The safetensors file holds every tensor, the text encoder's included, so a checkpoint is
 self-contained; ``text_encoder/`` keeps the Hugging Face config and tokenizer so it reloads
-offline. Writes are atomic per file (temp file + ``os.replace``).
+offline. Writes are atomic per file (temp file + fsync + ``os.replace``, then the folder is
+fsync'ed); files and folders get the usual umask-respecting modes (0644 / 0755 under umask 022).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,15 +23,57 @@ if TYPE_CHECKING:
     from .model import T3DModel
 
 __all__ = ["CONFIG_NAME", "TEXT_DIR", "WEIGHTS_NAME", "load_pretrained", "load_state_file",
-           "save_pretrained"]
+           "save_pretrained", "save_state_file"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEXT_DIR = "text_encoder"
 
 
+def _temp_name(folder: Path, name: str) -> Path:
+    return folder / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _new_temp_file(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, exclusive temp file next to ``name``, mode 0666 minus the umask (mkstemp: 0600)."""
+    while True:
+        tmp = _temp_name(folder, name)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask (read from /proc where possible: os.umask changes it)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -38,8 +81,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_path(path.parent)
 
 
 def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,18 +102,18 @@ def save_pretrained(model: T3DModel, path: str | os.PathLike) -> None:
 
     Layout: ``config.json`` (the resolved :class:`T3DModelConfig`), ``model.safetensors`` (all
     tensors), ``text_encoder/`` (HF config + tokenizer files, for offline reloading).
-    Each file is written to a temporary name and moved into place with ``os.replace``;
-    ``config.json`` goes last, so its presence marks a complete checkpoint.
+    Each file is written to a temporary name, fsync'ed and moved into place with
+    ``os.replace``; ``config.json`` goes last, so its presence marks a complete checkpoint.
     """
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     # text encoder folder: write aside, then swap in
-    tmp_text = Path(tempfile.mkdtemp(prefix=f".{TEXT_DIR}.", dir=out))
+    tmp_text = _temp_name(out, TEXT_DIR)
+    tmp_text.mkdir(mode=0o777)  # minus the umask (mkdtemp: 0700)
     try:
         model.text.model.config.save_pretrained(tmp_text)
         model.text.tokenizer.save_pretrained(tmp_text)
+        _fsync_tree(tmp_text)
         final_text = out / TEXT_DIR
         old = None
         if final_text.exists():
@@ -81,16 +125,31 @@ def save_pretrained(model: T3DModel, path: str | os.PathLike) -> None:
     finally:
         shutil.rmtree(tmp_text, ignore_errors=True)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=out)
+    save_state_file(_state_for_saving(model), out / WEIGHTS_NAME)
+    _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
+
+
+def save_state_file(state: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write ``state`` (contiguous CPU tensors, no shared storage) as a safetensors file.
+
+    Atomic: a temp file next to ``path``, fsync'ed, given the umask's mode (safetensors itself
+    writes 0600), then ``os.replace``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = _new_temp_file(path.parent, path.name)
     os.close(fd)
     try:
-        save_file(_state_for_saving(model), tmp, metadata={"format": "pt",
-                                                           "t3d_models": __version__})
-        os.replace(tmp, out / WEIGHTS_NAME)
+        save_file(state, tmp, metadata={"format": "pt", "t3d_models": __version__,
+                                        **(metadata or {})})
+        os.chmod(tmp, _file_mode())
+        _fsync_path(tmp)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
 
 
 def load_state_file(path: str | os.PathLike, device: str | torch.device = "cpu"
