@@ -155,6 +155,10 @@ def test_dicom_series_lps_to_ras_and_several_series(tmp_path):
         read_volume(folder, series_uid="9.9")
     with pytest.raises(VolumeReadError, match="max_voxels"):
         read_volume(folder, series_uid="1.2.3.444", max_voxels=100)
+    # the budget uses the pixel type SimpleITK decodes into (int32 here: rescale applied)
+    with pytest.raises(VolumeReadError, match=r"dcm: header declares \(12, 10, 6\) 32-bit signed"
+                       r" integer = 720 voxels x 4 bytes = 2,880 bytes, more than max_bytes=1,000"):
+        read_volume(folder, series_uid="1.2.3.444", max_bytes=1000)
     (tmp_path / "empty").mkdir()
     with pytest.raises(VolumeReadError, match="no DICOM series"):
         read_volume(tmp_path / "empty")
