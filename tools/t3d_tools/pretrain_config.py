@@ -9,13 +9,14 @@ and run settings owned by ``tools/pretrain.py``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from t3d_data import CropConfig, DataConfig
-from t3d_models import T3DModelConfig, load_preset
+from t3d_models import PreprocessingConfig, T3DModelConfig, VisionConfig, load_preset
 from t3d_objectives import PRESETS, ObjectiveConfig
 
 _STRICT = ConfigDict(extra="forbid")
@@ -44,6 +45,49 @@ def resolve_objective(section: BaseModel) -> ObjectiveConfig:
     """The preset's :class:`ObjectiveConfig` with the section's explicit fields applied."""
     overrides = {k: v for k, v in section.model_dump(exclude={"preset"}).items() if v is not None}
     return dataclasses.replace(PRESETS[section.preset], **overrides)
+
+
+_RECORD_FIELDS = ("hu_window", "pad_value")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(float(x) == float(y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _reconcile_preprocessing(model: dict, data: dict | None) -> tuple[dict, list[int]]:
+    """One preprocessing contract between ``data.crop`` and the model (raises on a mismatch).
+
+    The model's crop size (``model.vision.crop_size``) is the crop size; ``data.crop.crop_size``
+    may repeat it but not differ. The HU window and padding come from ``data.crop`` into
+    ``model.preprocessing`` (saved with the weights); a ``model.preprocessing`` given explicitly
+    must agree with ``data.crop``.
+    """
+    crop = (data or {}).get("crop") or {}
+    vision = model.get("vision") or {}
+    model_crop = vision.get("crop_size", VisionConfig().crop_size)
+    if "crop_size" in crop and not _same(crop["crop_size"], model_crop):
+        raise ValueError(
+            f"data.crop.crop_size {list(crop['crop_size'])} differs from the model's crop size "
+            f"model.vision.crop_size {list(model_crop)}: the model is built for its crop size; "
+            "set both to the same value, or drop data.crop.crop_size to use the model's")
+    given = dict(model.get("preprocessing") or {})
+    record = PreprocessingConfig(**given).model_dump(mode="json")
+    for key in _RECORD_FIELDS:
+        if key in crop:
+            if key in given and not _same(given[key], crop[key]):
+                raise ValueError(
+                    f"data.crop.{key}={crop[key]} disagrees with model.preprocessing.{key}="
+                    f"{given[key]}: the model must be trained on the preprocessing it records; "
+                    f"set one of them, not both")
+            record[key] = list(crop[key]) if isinstance(crop[key], (list, tuple)) else crop[key]
+        elif key not in given:
+            record[key] = CropConfig.model_fields[key].default
+            if isinstance(record[key], tuple):
+                record[key] = list(record[key])
+    model["preprocessing"] = record
+    return model, list(model_crop)
 
 
 class OptimConfig(BaseModel):
@@ -124,18 +168,21 @@ class PretrainConfig(BaseModel):
                 raise ValueError(str(err).strip("'\"")) from None
             data["model"] = _deep_merge(base, model)
         model = data.get("model")
-        crop_size = None
-        if isinstance(model, dict):
-            crop_size = model.get("vision", {}).get("crop_size")
-        elif isinstance(model, T3DModelConfig):
-            crop_size = model.vision.crop_size
-        if crop_size is None:
-            crop_size = CropConfig().crop_size if model else T3DModelConfig.from_preset("t3d-tiny-cpu").vision.crop_size
-        d = data.get("data")
-        if isinstance(d, dict):
+        if isinstance(model, T3DModelConfig):
+            model = json.loads(model.model_dump_json())
+        if model is None:
+            model = load_preset("t3d-tiny-cpu")
+        if not isinstance(model, dict):
+            return data  # pydantic reports the type error
+        d = data.get("data") if isinstance(data.get("data"), dict) else None
+        model, crop_size = _reconcile_preprocessing(dict(model), d)
+        data["model"] = model
+        if d is not None:
             d = dict(d)
             crop = dict(d.get("crop") or {})
             crop.setdefault("crop_size", list(crop_size))
+            crop.setdefault("hu_window", list(model["preprocessing"]["hu_window"]))
+            crop.setdefault("pad_value", model["preprocessing"]["pad_value"])
             d["crop"] = crop
             data["data"] = d
         return data

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .config import (  # noqa: E402
     InteractorConfig,
+    PreprocessingConfig,
     T3DModelConfig,
     TextConfig,
     VisionConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "HFTextEncoder",
     "Interactor",
     "InteractorConfig",
+    "PreprocessingConfig",
     "ProjectionHead",
     "SwinUNETRBackbone",
     "T3DModel",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "InteractorConfig",
+    "PreprocessingConfig",
     "T3DModelConfig",
     "TextConfig",
     "VisionConfig",
@@ -127,6 +128,37 @@ class InteractorConfig(_Strict):
         return self
 
 
+class PreprocessingConfig(_Strict):
+    """How a CT volume becomes this model's input: the record that travels with the weights.
+
+    Pre-training fills it from the data config (``data.crop``) and refuses a data config that
+    disagrees; ``save_pretrained`` writes it into ``config.json`` (and so into every checkpoint);
+    evaluation and fine-tuning read it from the checkpoint instead of assuming defaults. The crop
+    size is part of the record too, as :attr:`VisionConfig.crop_size` (see
+    :meth:`T3DModelConfig.preprocessing_record`).
+
+    Attributes:
+        hu_window: HU range clipped and mapped linearly to [0, 1].
+        pad_value: HU written where a crop extends beyond the volume (air).
+        orientation: voxel axes of the stored arrays (``t3d-data prepare`` stores RAS).
+        spacing: ``"native"``: volumes are used at their own voxel spacing, never resampled.
+        intensity: the intensity policy; ``"hu_window_linear"`` = ``clip((HU - lo) / (hi - lo), 0, 1)``.
+    """
+
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    pad_value: int = -1024
+    orientation: Literal["RAS"] = "RAS"
+    spacing: Literal["native"] = "native"
+    intensity: Literal["hu_window_linear"] = "hu_window_linear"
+
+    @model_validator(mode="after")
+    def _window_order(self) -> PreprocessingConfig:
+        lo, hi = self.hu_window
+        if not lo < hi:
+            raise ValueError(f"preprocessing.hu_window must be (low, high) with low < high; got {self.hu_window}")
+        return self
+
+
 class T3DModelConfig(_Strict):
     """Full T3D model configuration (saved as ``config.json`` inside every checkpoint).
 
@@ -148,6 +180,8 @@ class T3DModelConfig(_Strict):
             training does too, at one extra encoder pass) or ``"corrupted"`` (one encoder pass
             shared with restoration).
         restoration: build the TIR restoration decoder (``False`` for ablations).
+        preprocessing: how volumes are turned into input (:class:`PreprocessingConfig`); configs
+            written before this field existed load with its defaults (the old fixed window).
     """
 
     name: str = "custom"
@@ -160,6 +194,11 @@ class T3DModelConfig(_Strict):
     head_bn_momentum: float = Field(default=0.5, gt=0, le=1)
     contrastive_input: Literal["clean", "corrupted"] = "clean"
     restoration: bool = True
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+
+    def preprocessing_record(self) -> dict:
+        """The full preprocessing record: :attr:`preprocessing` plus the crop size."""
+        return {"crop_size": list(self.vision.crop_size), **self.preprocessing.model_dump(mode="json")}
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> T3DModelConfig:
