@@ -244,7 +244,16 @@ def test_foreign_files_in_the_output_folder_are_untouched(tmp_path, make_dataset
     assert (out / "studies" / "my_important_results" / "table.csv").read_text() == "a,b\n"
     assert (out / "README.txt").exists() and not (out / ".tmp-index.json.999999").exists()
     assert _tree(tmp_path, skip=out) == outside
-    # 3. an empty existing folder is fine (and gets the marker)
+    # a store written before markers existed (valid index.json) is adopted
+    (out / "t3d-store.json").unlink()
+    assert prepare(manifest, out, progress=False).skipped == 2
+    assert (out / "t3d-store.json").is_file() and (out / "README.txt").exists()
+    # 3. an empty existing folder is fine (and gets the marker); a file is refused
+    (tmp_path / "afile").write_text("x")
+    assert main(["phantom", str(tmp_path / "afile"), "--studies", "1"]) == 2
+    assert capsys.readouterr().err.startswith("t3d-data: error: ")
+    assert main(["prepare", str(manifest), str(tmp_path / "afile"), "--no-progress"]) == 2
+    assert "afile: exists and is not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     prepare(manifest, tmp_path / "empty", progress=False)
     assert (tmp_path / "empty" / "t3d-store.json").is_file()

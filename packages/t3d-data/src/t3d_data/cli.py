@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _run(args)
-    except (T3DDataError, FileNotFoundError, ValueError) as err:
+    except (T3DDataError, OSError, ValueError) as err:  # OSError: e.g. OUT is a file
         lines = [line for line in str(err).splitlines() if line.strip()] or [repr(err)]
         print("\n".join(f"t3d-data: error: {line}" for line in lines), file=sys.stderr)
         return EXIT_BAD_INPUT
