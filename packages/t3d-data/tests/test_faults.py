@@ -248,6 +248,11 @@ def test_foreign_files_in_the_output_folder_are_untouched(tmp_path, make_dataset
     (out / "t3d-store.json").unlink()
     assert prepare(manifest, out, progress=False).skipped == 2
     assert (out / "t3d-store.json").is_file() and (out / "README.txt").exists()
+    # ... and so is what an older version's killed first run left (only prepare's own names)
+    killed = tmp_path / "killed"
+    (killed / "studies" / f".tmp-{keys[0]}.4242").mkdir(parents=True)
+    assert prepare(manifest, killed, progress=False).prepared == 2
+    assert sorted(p.name for p in (killed / "studies").iterdir()) == sorted(keys[:2])
     # 3. an empty existing folder is fine (and gets the marker); a file is refused
     (tmp_path / "afile").write_text("x")
     assert main(["phantom", str(tmp_path / "afile"), "--studies", "1"]) == 2

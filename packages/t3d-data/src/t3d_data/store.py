@@ -176,8 +176,9 @@ def _claim_store(out: Path) -> None:
     """Makes ``out`` a store folder, or refuses one that ``prepare`` did not create.
 
     New or empty folders get the marker file; a folder with the marker is ours; a store written
-    before markers existed (a valid ``index.json``) is adopted. Anything else is refused, so
-    that prepare never writes (or deletes) inside a folder of the user's.
+    before markers existed (a valid ``index.json``, or only entries named the way prepare names
+    them, e.g. what a killed first run left) is adopted. Anything else is refused, so that
+    prepare never writes (or deletes) inside a folder of the user's.
     """
     marker = out / MARKER_NAME
     if out.exists() and not out.is_dir():
@@ -190,7 +191,7 @@ def _claim_store(out: Path) -> None:
         if not ok:
             raise StoreError(f"{marker}: not a t3d-store marker; give a new or empty folder as OUT")
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()) and not _only_own_names(out):
         try:
             _read_index(out)
         except StoreError:
@@ -204,6 +205,24 @@ def _claim_store(out: Path) -> None:
     _write_json_atomic(marker, {"format": FORMAT, "version": FORMAT_VERSION,
                                 "created_by": "t3d-data prepare",
                                 "note": "prepare only writes and removes its own entries here"})
+
+
+def _only_own_names(out: Path) -> bool:
+    """True when every entry of ``out`` (and of its ``studies/``) is named as prepare names its
+    own entries (an unmarked folder left by an older version's killed first run)."""
+    top = {INDEX_NAME, QUARANTINE_NAME, STUDIES_DIR}
+    for entry in out.iterdir():
+        if entry.name not in top and not _TMP_FILE.fullmatch(entry.name):
+            return False
+    studies = out / STUDIES_DIR
+    if studies.exists():
+        if not studies.is_dir():
+            return False
+        for entry in studies.iterdir():
+            if not (entry.is_dir() and (_TMP_STUDY.fullmatch(entry.name)
+                                        or re.fullmatch(_KEY, entry.name))):
+                return False
+    return True
 
 
 def _remove_own_temps(out: Path) -> None:
