@@ -8,7 +8,9 @@ Each volume is embedded as the mean of its crop embeddings (sliding window or ra
 studies are split over processes and gathered with ``t3d_eval.gather_embeddings``. With the
 phantom findings sidecar, every study also gets ``twins_per_study`` reports that differ from its
 own in exactly one finding attribute (side, size, kind, presence, ...), and twin accuracy is
-reported overall and per attribute. Writes ``OUT/NAME.json`` and ``OUT/NAME.md``.
+reported overall and per attribute. Writes ``OUT/NAME.json`` and ``OUT/NAME.md``, with the
+chance value of every measure (``t3d_eval.chance_retrieval``; 0.5 for twins and AUC), and ends
+with a paragraph that puts each number next to its chance value.
 """
 
 from __future__ import annotations
@@ -47,18 +49,21 @@ def twin_reports(study_ids: list[str], sidecar: dict[str, dict[str, Any]], per_s
 
 
 def embed_split(model: Any, dataset: Any, indices: list[int], cfg: EvaluateConfig,
-                accelerator: Any, crop_size: tuple[int, int, int]) -> dict[str, Any]:
+                accelerator: Any, crop_size: tuple[int, int, int],
+                progress: bool = False) -> dict[str, Any]:
     """Volume embeddings, labels and dataset indices of ``indices``, gathered over processes."""
     import numpy as np
     import t3d_eval as ev
     import torch
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     enc = ev.crop_encoder(model)
     emb_cfg = cfg.embedding
     loader = accelerator.prepare_data_loader(DataLoader(torch.tensor(indices), batch_size=1))
     vols, labels, idx = [], [], []
-    for batch in loader:
+    show = progress and accelerator.is_main_process
+    for batch in tqdm(loader, desc="embed", unit="study", disable=not show):
         i = int(batch[0])
         sample = dataset[i]
         image = sample["image"]
@@ -79,27 +84,23 @@ def embed_split(model: Any, dataset: Any, indices: list[int], cfg: EvaluateConfi
 
 
 def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
-             write: bool = True, per_study: bool = False) -> dict[str, Any]:
+             write: bool = True, per_study: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run the evaluation; ``model`` (a T3DModel) skips loading ``cfg.model``.
 
     ``per_study=True`` adds ``"per_study": {"study_ids", "group", "v2r_rank", "r2v_rank"}``
     (report group id and the 1-based rank of each study's best correct answer, as in
-    ``retrieval_metrics``), e.g. for a bootstrap over test studies.
+    ``retrieval_metrics``), e.g. for a bootstrap over test studies. ``progress=True`` shows a
+    tqdm bar of the embedded studies on the main process.
     """
+    from t3d_tools.eval_common import check_inputs
+
+    check_inputs(cfg)  # before torch / transformers are imported
     import t3d_eval as ev
     import torch
     from t3d_data import VolumeDataset
     from t3d_data.phantom import ZERO_SHOT_PROMPTS
-    from t3d_tools.eval_common import (
-        check_store,
-        find_sidecar,
-        load_model,
-        read_sidecar,
-        set_threads,
-        subset,
-    )
+    from t3d_tools.eval_common import find_sidecar, load_model, read_sidecar, set_threads, subset
 
-    check_store(cfg.store)
     sidecar_path = find_sidecar(cfg.store, cfg.findings)
     set_threads(cfg.runtime.threads)
     if accelerator is None:
@@ -118,7 +119,7 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
 
         raise ConfigError(f"split {cfg.split!r} of {cfg.store} has {len(indices)} studies; "
                           "retrieval needs at least 2")
-    emb = embed_split(model, dataset, indices, cfg, accelerator, crop_size)
+    emb = embed_split(model, dataset, indices, cfg, accelerator, crop_size, progress)
     order = [int(i) for i in emb["index"]]
     records = [dataset.store.records[dataset.indices[i]] for i in order]
     reports = [r.report for r in records]
@@ -129,6 +130,8 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
     results: dict[str, Any] = {
         "studies": len(order),
         "retrieval": ev.retrieval_metrics(emb["volume_emb"], report_emb, groups=reports),
+        "chance": {"retrieval": ev.chance_retrieval(reports), "twin_accuracy": 0.5,
+                   "zero_shot_auc": 0.5},
     }
     if per_study:
         sim = ev.cosine_similarity_matrix(emb["volume_emb"], report_emb)
@@ -172,12 +175,46 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
     return results
 
 
+def summary(cfg: EvaluateConfig, results: dict[str, Any]) -> str:
+    """One paragraph: every measure next to its chance value, and the baseline to compare with."""
+    r, c = results["retrieval"], results["chance"]["retrieval"]
+
+    def pair(key: str, chance: str) -> str:
+        return f"{r[key]:.3f} (chance {c[chance]:.3f})"
+
+    text = (f"Retrieval on {results['studies']} '{cfg.split}' studies: volume→report R@1 "
+            f"{pair('v2r_recall@1', 'recall@1')}, R@5 {pair('v2r_recall@5', 'recall@5')}, R@10 "
+            f"{pair('v2r_recall@10', 'recall@10')}, median rank {r['v2r_median_rank']:g} (chance "
+            f"{c['median_rank']:g}); report→volume R@1 {pair('r2v_recall@1', 'recall@1')}, median "
+            f"rank {r['r2v_median_rank']:g} (chance {c['median_rank']:g}).")
+    twins = results.get("twin_accuracy")
+    if twins:
+        per = ", ".join(f"{a} {twins[a]:.3f}" for a in twins.get("counts", {}))
+        text += (f" Report twins: the true report beats its one-attribute twin in "
+                 f"{twins['all']:.3f} of {twins['count']} pairs (chance 0.5; {per}).")
+    auc = results.get("zero_shot_auc")
+    if auc:
+        text += (f" Zero-shot macro AUC {auc['macro']:.3f} (chance 0.5) over "
+                 f"{sum(1 for k in auc if k not in ('macro', 'skipped'))} findings.")
+    if cfg.model.checkpoint is None:
+        text += (f" This is the no-pre-training baseline (random-init {cfg.model.preset} vision "
+                 "encoder).")
+    else:
+        text += (" The no-pre-training baseline is the same command with --set "
+                 "model.checkpoint=null.")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    from t3d_tools.eval_common import check_inputs
+
     cfg = _parse(argv)
-    results = evaluate(cfg)
-    r = results["retrieval"]
-    print(f"v2r R@1 {r['v2r_recall@1']:.3f}  r2v R@1 {r['r2v_recall@1']:.3f}  "
-          f"zero-shot macro AUC {results.get('zero_shot_auc', {}).get('macro', float('nan')):.3f}")
+    check_inputs(cfg)
+    results = evaluate(cfg, progress=True)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(summary(cfg, results))
     return 0
 
 

@@ -47,10 +47,12 @@ def feature_encoder(model: Any, kind: str):
 
 
 def volume_features(encoder: Any, dataset: Any, indices: list[int], cfg: ClassifyConfig,
-                    crop_size: tuple[int, int, int]) -> tuple[Any, Any]:
+                    crop_size: tuple[int, int, int], progress: bool = False,
+                    desc: str = "features") -> tuple[Any, Any]:
     import numpy as np
     import t3d_eval as ev
     import torch
+    from tqdm.auto import tqdm
 
     def enc(crops):
         with torch.no_grad():
@@ -58,7 +60,7 @@ def volume_features(encoder: Any, dataset: Any, indices: list[int], cfg: Classif
 
     feats, labels = [], []
     encoder.eval()
-    for i in indices:
+    for i in tqdm(indices, desc=desc, unit="study", disable=not progress):
         s = dataset[i]
         if cfg.embedding.mode == "sliding":
             feats.append(ev.volume_embedding_sliding(enc, s["image"], crop_size, cfg.embedding.overlap,
@@ -73,15 +75,17 @@ def volume_features(encoder: Any, dataset: Any, indices: list[int], cfg: Classif
 
 
 def random_crop_batches(dataset: Any, indices: list[int], crop_size: tuple[int, int, int],
-                        per_study: int, batch_size: int, seed: int) -> list[tuple[Any, Any]]:
+                        per_study: int, batch_size: int, seed: int,
+                        progress: bool = False) -> list[tuple[Any, Any]]:
     """``(crops, labels)`` batches: ``per_study`` random crops of each study with its labels."""
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
     crops, labels = [], []
-    for i in indices:
+    for i in tqdm(indices, desc="crops train", unit="study", disable=not progress):
         s = dataset[i]
         vol = s["image"]
         need = [max(0, c - d) for c, d in zip(crop_size, vol.shape[1:], strict=True)]
@@ -98,20 +102,23 @@ def random_crop_batches(dataset: Any, indices: list[int], crop_size: tuple[int, 
 
 
 def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
-             per_study: bool = False) -> dict[str, Any]:
+             per_study: bool = False, progress: bool = False) -> dict[str, Any]:
     """Linear probe (or full fine-tune) AUC; ``model`` (a T3DModel) skips loading ``cfg.model``.
 
     ``per_study=True`` adds ``"per_study": {"study_ids", "probs", "labels", "untrainable"}``:
     the test probabilities ``(M, F)`` and labels (NaN = unknown) in test-study order, and the
     findings left out for a single class in the training labels (e.g. for a bootstrap).
+    ``progress=True`` shows tqdm bars (features / crops / fine-tuning) on stderr.
     """
+    from t3d_tools.eval_common import check_inputs
+
+    check_inputs(cfg)  # before torch / transformers are imported
     import t3d_eval as ev
     import torch
     from t3d_data import VolumeDataset
     from t3d_tools.config import ConfigError
-    from t3d_tools.eval_common import check_store, load_model, set_threads, subset
+    from t3d_tools.eval_common import load_model, set_threads, subset
 
-    check_store(cfg.store)
     set_threads(cfg.runtime.threads)
     if model is None:
         model = load_model(cfg.model, cfg.runtime.seed)
@@ -127,8 +134,10 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     names = list(train.finding_names)
     results: dict[str, Any] = {"train_studies": len(tr_idx), "test_studies": len(te_idx)}
     if not cfg.full:
-        xtr, ytr = volume_features(encoder, train, tr_idx, cfg, crop_size)
-        xte, yte = volume_features(encoder, test, te_idx, cfg, crop_size)
+        xtr, ytr = volume_features(encoder, train, tr_idx, cfg, crop_size, progress,
+                                   f"features {cfg.train_split}")
+        xte, yte = volume_features(encoder, test, te_idx, cfg, crop_size, progress,
+                                   f"features {cfg.test_split}")
         probs, untrainable = ev.linear_probe_scores(xtr, ytr, xte, names, C=cfg.probe.C,
                                                     max_iter=cfg.probe.max_iter,
                                                     seed=cfg.runtime.seed)
@@ -137,11 +146,13 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     else:
         ft = cfg.finetune
         batches = random_crop_batches(train, tr_idx, crop_size, ft.crops_per_study,
-                                      ft.batch_size, cfg.runtime.seed)
+                                      ft.batch_size, cfg.runtime.seed, progress)
         clf, losses = ev.finetune_classifier(encoder, encoder.dim, len(names), batches,
                                              epochs=ft.epochs, lr=ft.lr, head_lr=ft.head_lr,
-                                             seed=cfg.runtime.seed, device=device)
-        logits, yte = volume_features(clf, test, te_idx, cfg, crop_size)  # mean logit per study
+                                             seed=cfg.runtime.seed, device=device,
+                                             progress=progress)
+        logits, yte = volume_features(clf, test, te_idx, cfg, crop_size, progress,
+                                      f"score {cfg.test_split}")  # mean logit per study
         probs, untrainable = torch.sigmoid(logits).numpy(), []
         results["finetune_auc"] = ev.multilabel_auc(probs, yte, names)
         results["finetune_final_loss"] = losses[-1]
@@ -158,13 +169,40 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     return results
 
 
+def summary(cfg: ClassifyConfig, results: dict[str, Any]) -> str:
+    """One paragraph: the macro and per-finding AUC next to chance (0.5) and the baseline."""
+    key = "finetune_auc" if cfg.full else "linear_probe_auc"
+    auc = results[key]
+
+    def fmt(x: Any) -> str:
+        return "n/a" if x is None or x != x else f"{x:.3f}"
+
+    names = [n for n in auc if n not in ("macro", "skipped")]
+    how = (f"Full fine-tune ({cfg.finetune.epochs} epochs, final loss "
+           f"{results['finetune_final_loss']:.4f})" if cfg.full
+           else f"Linear probe on frozen {cfg.features} features")
+    text = (f"{how}: macro AUC {fmt(auc['macro'])} (chance 0.5) over "
+            f"{len(names) - len(auc.get('skipped', []))} findings on {results['test_studies']} "
+            f"test studies, trained on {results['train_studies']}; per finding: "
+            + ", ".join(f"{n} {fmt(auc[n])}" for n in names) + ".")
+    if auc.get("skipped"):
+        text += f" No AUC (one class only): {', '.join(auc['skipped'])}."
+    if cfg.model.checkpoint is None:
+        text += (f" This is the no-pre-training baseline (random-init {cfg.model.preset} "
+                 "encoder).")
+    else:
+        text += (" The no-pre-training baseline is the same command with --set "
+                 "model.checkpoint=null.")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    from t3d_tools.eval_common import parse_config
+    from t3d_tools.eval_common import check_inputs, parse_config
 
     cfg = parse_config(ClassifyConfig, argv, __doc__.split("\n\n")[0], SHORTCUTS)
-    results = classify(cfg)
-    key = "finetune_auc" if cfg.full else "linear_probe_auc"
-    print(f"{key} macro {results[key]['macro']:.3f}")
+    check_inputs(cfg)
+    results = classify(cfg, progress=True)
+    print(summary(cfg, results))
     return 0
 
 

@@ -10,8 +10,11 @@ plain ``SwinUNETR``; ``--scratch`` builds the same architecture (``swinunetr_kwa
 MONAI's initialisation. Both get the same budget (``steps`` of ``t3d_eval.finetune_segmentation``
 on ``label_fraction`` of the labelled training studies). Test volumes are predicted with
 ``sliding_window_inference`` on their own voxel grid and scored with MONAI ``DiceMetric`` per
-class; a few predictions are saved as overlay PNGs. Phantom label values are merged into the
-classes of ``classes`` (default: lungs, heart, liver, spleen, kidneys; see eval_config.py).
+class; a few predictions are saved as overlay PNGs (``OUT/overlays/NAME_STUDY.png``, the study
+id made a safe file name by ``t3d_data.names.safe_filename``). Phantom label values are merged
+into the classes of ``classes`` (default: lungs, heart, liver, spleen, kidneys; see
+eval_config.py). Results go to ``OUT/NAME.json`` (default NAME: ``seg-t3d`` or ``seg-scratch``);
+the closing summary compares with the other arm's results in OUT when it had the same budget.
 """
 
 from __future__ import annotations
@@ -40,13 +43,15 @@ def label_lookup(classes: dict[str, list[int]]):
     return lut
 
 
-def labelled_studies(store: Path, split: str, lut: Any, limit: int | None = None) -> list[dict]:
+def labelled_studies(store: Path, split: str, lut: Any, limit: int | None = None,
+                     progress: bool = False) -> list[dict]:
     """``{"image", "label", "study_id"}`` of the studies of ``split`` that have a mask."""
     from t3d_data import VolumeDataset
+    from tqdm.auto import tqdm
 
     ds = VolumeDataset(store, split=split)
     out = []
-    for i in range(len(ds)):
+    for i in tqdm(range(len(ds)), desc=f"load {split}", unit="study", disable=not progress):
         if not ds.store.records[ds.indices[i]].has_mask:
             continue
         s = ds[i]
@@ -74,23 +79,28 @@ def build_network(cfg: SegmentationConfig, num_classes: int, source: Any = None)
 
 
 def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
-            per_study: bool = False) -> dict[str, Any]:
+            per_study: bool = False, progress: bool = False) -> dict[str, Any]:
     """Fine-tune and evaluate; ``source`` (a T3DModel) replaces ``cfg.model.checkpoint``.
 
     ``per_study=True`` adds ``"per_study": {"study_ids", "dice"}``: each test study's Dice per
     class (NaN where the class is absent from its label), e.g. for a bootstrap.
+    ``progress=True`` shows tqdm bars (loading, fine-tuning, testing, overlays) on stderr.
     """
+    from t3d_tools.eval_common import check_inputs
+
+    check_inputs(cfg)  # before torch / monai are imported
     import t3d_eval as ev
     import torch
+    from t3d_data.names import safe_filename, safe_join
     from t3d_tools.config import ConfigError
-    from t3d_tools.eval_common import check_store, set_threads
+    from t3d_tools.eval_common import set_threads
+    from tqdm.auto import tqdm
 
-    check_store(cfg.store)
     set_threads(cfg.runtime.threads)
     lut = label_lookup(cfg.classes)
     num_classes = len(cfg.classes) + 1
-    train = labelled_studies(cfg.store, cfg.train_split, lut)
-    test = labelled_studies(cfg.store, cfg.test_split, lut, cfg.max_test)
+    train = labelled_studies(cfg.store, cfg.train_split, lut, progress=progress)
+    test = labelled_studies(cfg.store, cfg.test_split, lut, cfg.max_test, progress=progress)
     if not train or not test:
         raise ConfigError(f"{len(train)} labelled studies in split {cfg.train_split!r} and "
                           f"{len(test)} in {cfg.test_split!r}; both need masks")
@@ -101,11 +111,12 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
     losses = ev.finetune_segmentation(net, train, roi, num_classes, steps=cfg.steps, lr=cfg.lr,
                                       label_fraction=cfg.label_fraction, seed=cfg.runtime.seed,
                                       batch_size=cfg.batch_size,
-                                      samples_per_volume=cfg.samples_per_volume, device=device)
+                                      samples_per_volume=cfg.samples_per_volume, device=device,
+                                      progress=progress)
     names = list(cfg.classes)
     dice = ev.evaluate_segmentation(net, test, roi, num_classes, class_names=names,
                                     sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap,
-                                    device=device, per_study=per_study)
+                                    device=device, per_study=per_study, progress=progress)
     rows = dice.pop("per_study", None)
     results: dict[str, Any] = {
         "dice": dice,
@@ -114,31 +125,93 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
         "train_studies_labelled": len(train),
         "test_studies": len(test),
         "steps": cfg.steps,
+        "label_fraction": cfg.label_fraction,
         "final_loss": losses[-1],
-        "init": "scratch" if cfg.scratch else "t3d",
+        "init": cfg.init,
+        "config": {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
+                   "seed": cfg.runtime.seed},
     }
     if per_study:
         results["per_study"] = {"study_ids": [s["study_id"] for s in test], "dice": rows}
     overlays = []
     if write:
-        for s in test[: cfg.overlays]:
+        folder = Path(cfg.out) / "overlays"
+        for s in tqdm(test[: cfg.overlays], desc="overlays", unit="png", disable=not progress):
             pred = ev.predict_segmentation(net, s["image"], roi, sw_batch_size=cfg.sw_batch_size,
                                            overlap=cfg.overlap, device=device)
-            path = Path(cfg.out) / "overlays" / f"{cfg.name}_{s['study_id']}.png"
-            overlays.append(ev.save_overlays(s["image"], s["label"], pred, path))
+            # study ids are user data: one safe, distinct file name each (t3d_data.names)
+            path = safe_join(folder, f"{cfg.stem}_{safe_filename(str(s['study_id']))}.png")
+            overlays.append(ev.save_overlays(s["image"], s["label"], pred, path,
+                                             class_names=names))
         results["overlays"] = [str(p) for p in overlays]
-        json_path, md_path = ev.write_results(results, cfg.out, cfg.name)
+        json_path, md_path = ev.write_results(results, cfg.out, cfg.stem)
         print(f"wrote {json_path} and {md_path}")
     return results
 
 
+def baseline_results(cfg: SegmentationConfig, results: dict[str, Any]) -> tuple[Path, dict] | None:
+    """The other arm's results in ``cfg.out`` with the same budget, store and seed, if any."""
+    import json
+
+    other = "t3d" if results["init"] == "scratch" else "scratch"
+    same = ("steps", "label_fraction", "test_studies", "train_studies_used")
+    found = []
+    for path in Path(cfg.out).glob("*.json"):
+        try:
+            res = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (isinstance(res, dict) and res.get("init") == other
+                and all(res.get(k) == results[k] for k in same)
+                and res.get("config", {}).get("store") == results["config"]["store"]
+                and res.get("config", {}).get("seed") == results["config"]["seed"]):
+            found.append((path.stat().st_mtime, path, res))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
+def summary(cfg: SegmentationConfig, results: dict[str, Any],
+            baseline: tuple[Path, dict] | None) -> str:
+    """One paragraph: this arm's Dice per organ next to the other arm's (or how to get it)."""
+
+    def fmt(x: Any) -> str:
+        return "n/a" if x is None or x != x else f"{x:.3f}"
+
+    this, that = (("T3D-initialised", "from-scratch") if results["init"] == "t3d"
+                  else ("From-scratch", "T3D-initialised"))
+    classes = list(cfg.classes)
+    dice = results["dice"]
+    text = (f"{this} SwinUNETR: mean Dice {fmt(dice['mean'])} over {len(classes)} organs on "
+            f"{results['test_studies']} test studies, after {results['steps']} steps on "
+            f"{results['train_studies_used']} of {results['train_studies_labelled']} labelled "
+            f"training studies ({cfg.label_fraction:.0%} labels; final loss "
+            f"{results['final_loss']:.4f}). ")
+    if baseline is not None:
+        path, base = baseline
+        bd = base["dice"]
+        a, b = dice.get("mean"), bd.get("mean")
+        diff = "n/a" if None in (a, b) or a != a or b != b else f"{a - b:+.3f}"
+        text += (f"The {that} baseline with the same budget ({path}): mean Dice {fmt(b)}, a "
+                 f"difference of {diff}. Per organ, this run vs the baseline: "
+                 + ", ".join(f"{c} {fmt(dice.get(c))} vs {fmt(bd.get(c))}" for c in classes)
+                 + ".")
+    else:
+        flag = " --scratch" if results["init"] == "t3d" else ""
+        ckpt = f" --checkpoint {cfg.model.checkpoint or 'RUN/model'}"
+        text += ("Per organ: " + ", ".join(f"{c} {fmt(dice.get(c))}" for c in classes) + ". "
+                 f"No {that} baseline with this budget in {cfg.out} yet: run `python "
+                 f"tools/finetune_seg.py{ckpt} --store {cfg.store} --out {cfg.out} --fraction "
+                 f"{cfg.label_fraction:g} --steps {cfg.steps}{flag}` and its summary puts the two "
+                 "side by side (predicting background everywhere scores Dice 0).")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    from t3d_tools.eval_common import parse_config
+    from t3d_tools.eval_common import check_inputs, parse_config
 
     cfg = parse_config(SegmentationConfig, argv, __doc__.split("\n\n")[0], SHORTCUTS)
-    results = segment(cfg)
-    print(f"{results['init']}: mean Dice {results['dice']['mean']:.3f} "
-          f"({results['train_studies_used']} training studies, {cfg.steps} steps)")
+    check_inputs(cfg)
+    results = segment(cfg, progress=True)
+    print(summary(cfg, results, baseline_results(cfg, results)))
     return 0
 
 

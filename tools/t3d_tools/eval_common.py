@@ -51,9 +51,39 @@ def parse_config(model: type[M], argv: list[str] | None, description: str,
 
 
 def check_store(store: Path) -> None:
-    if not (Path(store) / "index.json").is_file():
+    store = Path(store)
+    if not store.exists():
+        raise ConfigError(f"store: {store} does not exist; pass the folder written by "
+                          "`t3d-data prepare MANIFEST OUT` (or `t3d-data demo DIR`)")
+    if not (store / "index.json").is_file():
         raise ConfigError(f"store: {store} is not a prepared store (no index.json); run "
                           "`t3d-data prepare MANIFEST OUT` (or `t3d-data demo DIR`) first")
+
+
+def check_checkpoint(section: Any) -> None:
+    """``section.checkpoint`` (if set) is a ``save_pretrained`` folder: it has config.json."""
+    if section.checkpoint is None:
+        return
+    ckpt = Path(section.checkpoint)
+    if not ckpt.exists():
+        raise ConfigError(f"model.checkpoint: {ckpt} does not exist; pass the folder written by "
+                          "save_pretrained (e.g. RUN/model), or --set model.checkpoint=null for "
+                          "the no-pre-training baseline")
+    if not (ckpt / "config.json").is_file():
+        raise ConfigError(f"model.checkpoint: {ckpt} has no config.json; pass the folder written "
+                          "by save_pretrained (e.g. RUN/model)")
+
+
+def check_inputs(cfg: Any) -> None:
+    """Every input path of an evaluation config, checked before torch or a model is loaded.
+
+    A wrong ``--store`` or ``--checkpoint`` fails in a second instead of after the imports.
+    """
+    check_checkpoint(cfg.model)
+    check_store(cfg.store)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; pass a folder for the results")
 
 
 def set_threads(threads: int | None) -> None:

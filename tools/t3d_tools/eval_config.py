@@ -7,11 +7,24 @@ Pydantic models with ``extra="forbid"``, composed from YAML (tools/configs/eval/
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from t3d_data.names import safe_filename
 
 _STRICT = ConfigDict(extra="forbid")
+
+
+def _plain_name(value: str) -> str:
+    if safe_filename(value) != value:
+        raise ValueError(f"{value!r} is not a plain file name (letters, digits, '.', '_', '-'; "
+                         f"no '/', '..' or leading '.'; at most 100 characters); e.g. "
+                         f"{safe_filename(value)!r}")
+    return value
+
+
+#: A results file stem (``OUT/NAME.json``): one safe path component, see t3d_data.names.
+FileStem = Annotated[str, AfterValidator(_plain_name)]
 
 #: Phantom label values (t3d_data.phantom.LABELS) merged into a handful of classes for the
 #: segmentation benchmark: organs keep the lesions inside them (as BTCV organ contours do);
@@ -66,7 +79,7 @@ class EvaluateConfig(BaseModel):
     split: str | None = "test"
     max_studies: int | None = Field(None, ge=1)
     out: Path = Path("runs/eval")
-    name: str = "eval"
+    name: FileStem = "eval"
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
     findings: Path | None = None  # phantom sidecar; default: found next to the store's manifest
     twins_per_study: int = Field(4, ge=0)
@@ -104,7 +117,7 @@ class ClassifyConfig(BaseModel):
     max_train: int | None = Field(None, ge=1)
     max_test: int | None = Field(None, ge=1)
     out: Path = Path("runs/cls")
-    name: str = "cls"
+    name: FileStem = "cls"
     full: bool = False
     features: Literal["backbone", "embedding"] = "backbone"
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
@@ -124,7 +137,7 @@ class SegmentationConfig(BaseModel):
     test_split: str = "test"
     max_test: int | None = Field(None, ge=1)
     out: Path = Path("runs/seg")
-    name: str = "seg"
+    name: FileStem | None = None  # default: "seg-t3d" or "seg-scratch", so both arms can share OUT
     classes: dict[str, list[int]] = Field(default_factory=lambda: dict(DEFAULT_SEG_CLASSES))
     label_fraction: float = Field(0.1, gt=0.0, le=1.0)
     steps: int = Field(100, ge=1)
@@ -160,3 +173,13 @@ class SegmentationConfig(BaseModel):
             raise ValueError("model.checkpoint is null: pass a T3D checkpoint or set scratch=true "
                              "(from-scratch SwinUNETR of model.preset's architecture)")
         return self
+
+    @property
+    def init(self) -> str:
+        """``"scratch"`` or ``"t3d"``: how the SwinUNETR is initialised."""
+        return "scratch" if self.scratch else "t3d"
+
+    @property
+    def stem(self) -> str:
+        """The results file stem: ``name``, or ``seg-t3d`` / ``seg-scratch``."""
+        return self.name or f"seg-{self.init}"
