@@ -17,8 +17,10 @@ eval mode, ``t3d_eval.pretext_losses``) and per-study values, from which percent
 95% intervals over test studies are computed (``t3d_eval.bootstrap_ci``; seeds pooled by
 scoring the same resampled studies for every seed and averaging). Mean ± std over seeds
 (``t3d_eval.aggregate_seeds``) goes to OUT/benchmark.{json,md}, the intervals to
-OUT/intervals.json, and both into the preset's section of docs/results.md, together with the
-exact command. ``--reuse`` skips finished pre-training runs and finished (arm, seed) scores.
+OUT/intervals.json and the Markdown section (tables, comparisons, the exact command) to
+OUT/summary.md. Only ``--update-docs`` writes that section into the preset's block of the
+tracked docs/results.md (``--results-md PATH``: into another file). ``--reuse`` skips finished
+pre-training runs and finished (arm, seed) scores.
 """
 
 from __future__ import annotations
@@ -104,8 +106,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     p.add_argument("--steps", type=int, help="pre-training steps per arm (default: the preset's)")
     p.add_argument("--out", type=Path, help="output folder (default runs/benchmark-PRESET)")
-    p.add_argument("--results-md", default=str(ROOT / "docs" / "results.md"),
-                   help="Markdown file whose preset section is (re)written; 'none' to skip")
+    p.add_argument("--update-docs", action="store_true",
+                   help="also (re)write the preset's section of docs/results.md (tracked); by "
+                        "default only OUT/summary.md is written")
+    p.add_argument("--results-md", default=None,
+                   help="Markdown file whose preset section is (re)written (default: none; "
+                        "docs/results.md with --update-docs)")
     p.add_argument("--reuse", action="store_true",
                    help="reuse pre-training runs of OUT that finished (RUN/summary.json) and "
                         "finished scores (OUT/runs/ARM-seedS.json with held-out losses + "
@@ -133,6 +139,17 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--steps {args.steps}: must be >= 1")
         cfg["steps"] = args.steps
     cfg["out"] = args.out or ROOT / "runs" / f"benchmark-{args.preset}"
+    if Path(cfg["out"]).exists() and not Path(cfg["out"]).is_dir():
+        raise ConfigError(f"--out: {cfg['out']} is a file; pass a folder for the benchmark runs")
+    md = args.results_md
+    if md in (None, "none"):
+        md = str(ROOT / "docs" / "results.md") if args.update_docs else None
+    if md is not None and not Path(md).parent.is_dir():
+        raise ConfigError(f"--results-md: folder {Path(md).parent} does not exist; pass a file in "
+                          "an existing folder (or leave it out: OUT/summary.md is always written)")
+    if md is not None and Path(md).is_dir():
+        raise ConfigError(f"--results-md: {md} is a folder; pass a Markdown file")
+    cfg["results_md"] = md
     return cfg
 
 
@@ -305,16 +322,16 @@ def downstream(cfg: dict[str, Any], arm: str, seed: int, model: Any, ckpt: Path 
     ev_res = evaluate.evaluate(
         EvaluateConfig(model=section, store=store, twins_per_study=cfg["twins_per_study"],
                        embedding=embedding, runtime=runtime),
-        model=model, accelerator=accelerator, write=False, per_study=True)
+        model=model, accelerator=accelerator, write=False, per_study=True, progress=True)
     cls_res = cls.classify(ClassifyConfig(model=section, store=store, embedding=embedding,
                                           runtime=runtime), model=model, write=False,
-                           per_study=True)
+                           per_study=True, progress=True)
     seg_cfg = SegmentationConfig(
         model=section, scratch=ckpt is None, store=store, label_fraction=cfg["seg_fraction"],
         steps=cfg["seg_steps"], batch_size=cfg["seg_batch"], samples_per_volume=cfg["seg_samples"],
         max_test=cfg["seg_max_test"], overlays=cfg["overlays"] if seed == cfg["seeds"][0] else 0,
         out=out, name=f"seg_{arm}-seed{seed}", runtime=runtime)
-    seg_res = seg.segment(seg_cfg, source=model, write=True, per_study=True)
+    seg_res = seg.segment(seg_cfg, source=model, write=True, per_study=True, progress=True)
     return {
         "pretext": pretext,
         "retrieval": ev_res["retrieval"],
@@ -426,13 +443,14 @@ def interval_statistics(runs: list[dict[str, Any]]) -> dict[str, tuple[list[Any]
 
 
 def recall_chance(groups: list[int], k: int) -> float:
-    """Expected v2r R@k of random scores: a query whose report group has g of the n studies
-    finds one of them in the top k with probability 1 - C(n-g, k) / C(n, k)."""
-    n = len(groups)
-    if n == 0:
+    """Expected v2r R@k of random scores (``t3d_eval.chance_retrieval``): a query whose report
+    group has g of the n studies finds one of them in the top k with probability
+    1 - C(n-k, g) / C(n, g)."""
+    if not groups:
         return math.nan
-    sizes = [groups.count(g) for g in groups]
-    return sum(1.0 - math.comb(n - g, min(k, n)) / math.comb(n, min(k, n)) for g in sizes) / n
+    from t3d_eval import chance_retrieval
+
+    return chance_retrieval(groups, ks=(k,))[f"recall@{k}"]
 
 
 def compute_intervals(per_arm: dict[str, list[dict[str, Any]]], n_resamples: int = 1000,
@@ -737,15 +755,18 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t_start
     shown = argv if argv is not None else sys.argv[1:]
     shown = [a for i, a in enumerate(shown)  # the docs command: no private output paths
-             if a not in ("--results-md",) and (i == 0 or shown[i - 1] != "--results-md")]
+             if a not in ("--results-md", "--update-docs")
+             and (i == 0 or shown[i - 1] != "--results-md")]
     command = "uv run python tools/run_benchmark.py " + " ".join(shown)
     section = markdown_section(cfg, agg, command.strip(), seconds, intervals, timing)
     (out / "summary.md").write_text(section, encoding="utf-8")
-    if args.results_md != "none":
-        update_results_md(Path(args.results_md), cfg["preset"], section)
+    if cfg["results_md"] is not None:
+        update_results_md(Path(cfg["results_md"]), cfg["preset"], section)
     print(section)
     print(f"wrote {json_path}, {md_path}, {out / 'intervals.json'}, {out / 'summary.md'}"
-          + ("" if args.results_md == "none" else f" and {args.results_md}"))
+          + ("" if cfg["results_md"] is None else f" and {cfg['results_md']}")
+          + ("" if cfg["results_md"] is not None else
+             " (docs/results.md untouched; --update-docs writes this section there)"))
     return 0
 
 
