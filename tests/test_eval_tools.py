@@ -105,9 +105,14 @@ def test_smoke_benchmark_writes_results(smoke):
 @pytest.mark.slow
 def test_reuse_skips_finished_runs_and_scores(smoke):
     before = (smoke["out"] / "intervals.json").read_text(encoding="utf-8")
-    res = _run("run_benchmark.py", ["--preset", "smoke", "--out", str(smoke["out"]),
-                                    "--results-md", "none", "--reuse"], smoke["cache"])
+    docs = (ROOT / "docs" / "results.md").read_bytes()
+    res = _run("run_benchmark.py", ["--preset", "smoke", "--out", str(smoke["out"]), "--reuse"],
+               smoke["cache"])
     assert res.returncode == 0, res.stderr[-4000:]
+    # the tracked docs are rewritten only with --update-docs; the run folder has the section
+    assert (ROOT / "docs" / "results.md").read_bytes() == docs
+    assert "docs/results.md untouched; --update-docs writes this section there" in res.stdout
+    assert "### Preset `smoke`" in (smoke["out"] / "summary.md").read_text(encoding="utf-8")
     assert "reusing the scores of t3d-seed0" in res.stdout
     assert "reusing the scores of none-seed0" in res.stdout
     assert "[benchmark] pre-training" not in res.stdout
@@ -170,7 +175,17 @@ def test_evaluate_cli_on_the_smoke_checkpoint(smoke):
                                "--set", "embedding.num_crops=1"], smoke["cache"])
     assert res.returncode == 0, res.stderr[-4000:]
     result = json.loads((out / "eval.json").read_text(encoding="utf-8"))
-    assert {"retrieval", "twin_accuracy", "zero_shot_auc", "studies", "config"} <= set(result)
+    assert {"retrieval", "twin_accuracy", "zero_shot_auc", "studies", "config", "chance"} <= set(
+        result)
+    chance = result["chance"]["retrieval"]
+    assert 0 < chance["recall@1"] <= chance["recall@5"] <= 1 and chance["median_rank"] >= 1
+    # one closing paragraph: each number next to its chance value, the same numbers as the file
+    r = result["retrieval"]
+    assert f"volume→report R@1 {r['v2r_recall@1']:.3f} (chance {chance['recall@1']:.3f})" in (
+        res.stdout)
+    assert f"median rank {r['v2r_median_rank']:g} (chance {chance['median_rank']:g})" in res.stdout
+    assert "Zero-shot macro AUC" in res.stdout and "--set model.checkpoint=null" in res.stdout
+    assert "embed" in res.stderr  # the tqdm bar
     assert result["config"]["sidecar"].endswith("phantom_findings.jsonl")
     assert result["twin_accuracy"]["count"] == result["studies"]
     table = (out / "eval.md").read_text(encoding="utf-8")
@@ -207,3 +222,78 @@ def test_config_files_validate():
                         ("finetune_seg", SegmentationConfig)):
         cfg = load_config(model, TOOLS / "configs" / "eval" / f"{name}.yaml")
         assert cfg.model.checkpoint is not None
+
+
+# ---------------------------------------------------------------- summaries, plots, packaging
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"eval_tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_printed_median_rank_is_the_summary_json_number():
+    sys.path.insert(0, str(TOOLS))
+    from t3d_tools.trainer import retrieval_line
+
+    retrieval = {"studies": 20, "v2r_recall@1": 0.1, "chance_recall@1": 0.05, "v2r_recall@5": 0.3,
+                 "chance_recall@5": 0.25, "v2r_median_rank": 4.5, "chance_median_rank": 10.5}
+    line = retrieval_line(retrieval, "val")
+    assert "median rank 4.5 (chance 10.5)" in line and "R@1 0.10 (chance 0.05)" in line
+
+
+def test_loss_plot_draws_the_chance_lines(tmp_path):
+    sys.path.insert(0, str(TOOLS))
+    from t3d_tools.trainer import plot_losses
+
+    records = [{"step": i, "loss": 3.0 - 0.1 * i, "tcl_loss": 2.0 - 0.05 * i,
+                "align_loss": 1.5 - 0.01 * i} for i in range(1, 6)]
+    chance = {"tcl_loss": ("log(7)", math.log(7)), "align_loss": ("log(4)", math.log(4))}
+    labels = plot_losses(records, tmp_path / "loss_curve.png", chance)
+    assert "tcl_loss chance log(7) = 1.946" in labels
+    assert "align_loss chance log(4) = 1.386" in labels
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["loss_curve.png"]  # no temp file left
+
+
+def test_seg_summary_shows_both_arms_or_the_baseline_command(tmp_path):
+    seg = _tool("finetune_seg")
+    from t3d_tools.eval_config import SegmentationConfig
+
+    def results(init, mean):
+        return {"dice": {"lungs": mean, "heart": float("nan"), "mean": mean}, "steps": 5,
+                "label_fraction": 0.1, "test_studies": 3, "train_studies_used": 1,
+                "train_studies_labelled": 8, "final_loss": 0.5, "init": init,
+                "config": {"store": "S", "seed": 0}}
+
+    cfg = SegmentationConfig(model={"checkpoint": "RUN/model"}, store="S", out=tmp_path,
+                             steps=5, classes={"lungs": [2], "heart": [4]})
+    mine = results("t3d", 0.6)
+    alone = seg.summary(cfg, mine, seg.baseline_results(cfg, mine))
+    assert "T3D-initialised SwinUNETR: mean Dice 0.600" in alone and "heart n/a" in alone
+    assert "--checkpoint RUN/model --store S" in alone and "--steps 5 --scratch`" in alone
+    (tmp_path / "seg-scratch.json").write_text(json.dumps(results("scratch", 0.45)))
+    (tmp_path / "other.json").write_text(json.dumps({**results("scratch", 0.1), "steps": 9}))
+    both = seg.summary(cfg, mine, seg.baseline_results(cfg, mine))
+    assert "from-scratch baseline with the same budget" in both and "seg-scratch.json" in both
+    assert "mean Dice 0.450, a difference of +0.150" in both and "lungs 0.600 vs 0.450" in both
+    assert SegmentationConfig(store="S", scratch=True).stem == "seg-scratch"
+
+
+def test_cls_summary_puts_auc_next_to_chance():
+    cls = _tool("finetune_cls")
+    from t3d_tools.eval_config import ClassifyConfig
+
+    res = {"linear_probe_auc": {"nodule": 0.7, "cyst": float("nan"), "macro": 0.7,
+                                "skipped": ["cyst"]}, "train_studies": 8, "test_studies": 4}
+    text = cls.summary(ClassifyConfig(store="S", model={"checkpoint": "C"}), res)
+    assert "macro AUC 0.700 (chance 0.5) over 1 findings on 4 test studies" in text
+    assert "No AUC (one class only): cyst" in text and "model.checkpoint=null" in text
+    assert "no-pre-training baseline (random-init" in cls.summary(ClassifyConfig(store="S"), res)
+
+
+def test_t3d_objectives_declares_numpy():
+    """torch warns "Failed to initialize NumPy" where numpy is missing; t3d-objectives pulls it."""
+    from importlib.metadata import requires
+
+    assert any(r.split(">")[0].strip() == "numpy" for r in requires("t3d-objectives"))

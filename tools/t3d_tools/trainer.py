@@ -91,14 +91,11 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def chance_recall(groups: list[int], k: int) -> float:
-    """Expected Recall@K of a random ranking when every member of a query's group is a hit."""
-    m = len(groups)
-    out = 0.0
-    for g in groups:
-        r = groups.count(g)
-        miss = math.comb(m - r, k) / math.comb(m, k) if k <= m - r else 0.0
-        out += 1.0 - miss
-    return out / m
+    """Expected Recall@K of a random ranking when every member of a query's group is a hit
+    (``t3d_eval.chance_retrieval``)."""
+    from t3d_eval import chance_retrieval
+
+    return chance_retrieval(groups, ks=(k,))[f"recall@{k}"]
 
 
 @torch.no_grad()
@@ -108,7 +105,7 @@ def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_confi
     and the eval-mode spread of those crops' embeddings (``eval_spread``: BatchNorm heads keep
     the training-mode spread open even when the encoder collapses; eval mode shows it)."""
     from t3d_data import CropDataset
-    from t3d_eval import retrieval_metrics
+    from t3d_eval import chance_retrieval, retrieval_metrics
     from t3d_objectives import embedding_spread
 
     cfg = crop_config.model_copy(update={"num_crops": num_crops, "seed": crop_config.seed + 7})
@@ -129,13 +126,26 @@ def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_confi
     text = torch.cat([model.encode_text(reports[i:i + 16]) for i in range(0, len(reports), 16)])
     metrics = retrieval_metrics(torch.stack(vol), text, groups=groups, ks=ks)
     model.train(was_training)
+    chance = chance_retrieval(groups, ks=ks)
     out = {"studies": len(ds)}
     for k in ks:
         out[f"v2r_recall@{k}"] = metrics[f"v2r_recall@{k}"]
-        out[f"chance_recall@{k}"] = chance_recall(groups, k)
+        out[f"chance_recall@{k}"] = chance[f"recall@{k}"]
     out["v2r_median_rank"] = metrics["v2r_median_rank"]
+    out["chance_median_rank"] = chance["median_rank"]
     out["eval_spread"] = embedding_spread(torch.cat(crop_embs), torch.tensor(crop_study))
     return out
+
+
+def retrieval_line(retrieval: dict[str, Any], split: str) -> str:
+    """The summary line of :func:`retrieval_check`; every number as summary.json holds it
+    (``:g``: a median rank of 4.5 prints as 4.5, not rounded to 4)."""
+    return (f"  retrieval on {retrieval['studies']} held-out '{split}' studies: "
+            + ", ".join(f"R@{k} {retrieval[f'v2r_recall@{k}']:.2f} (chance "
+                        f"{retrieval[f'chance_recall@{k}']:.2f})" for k in (1, 5))
+            + f", median rank {retrieval['v2r_median_rank']:g}"
+            + (f" (chance {retrieval['chance_median_rank']:g})"
+               if "chance_median_rank" in retrieval else ""))
 
 
 def chance_losses(cfg: Any, num_processes: int) -> dict[str, tuple[str, float]]:
@@ -156,26 +166,34 @@ def chance_losses(cfg: Any, num_processes: int) -> dict[str, tuple[str, float]]:
     return out
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Loss per term against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_losses(records: list[dict[str, Any]], path: Path,
+                chance: dict[str, tuple[str, float]] | None = None) -> list[str]:
+    """Loss per term against step, as a PNG, with a dashed line at each term's chance value
+    (``chance``: :func:`chance_losses`) in the term's colour. Returns the legend labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     keys = [k for k in ("loss", "tcl_loss", "tir_loss", "align_loss") if k in records[0]]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     steps = [r["step"] for r in records]
     for k in keys:
-        ax.plot(steps, [r[k] for r in records], label=k)
+        (line,) = ax.plot(steps, [r[k] for r in records], label=k)
+        if chance and k in chance:
+            formula, value = chance[k]
+            ax.axhline(value, color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{k} chance {formula} = {value:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("T3D pre-training")
+    ax.legend(fontsize="small")
+    ax.set_title("T3D pre-training (dashed: chance, a constant embedding)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)
+    return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
@@ -193,10 +211,10 @@ def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
     if cfg.run.eval_split:
         retrieval = retrieval_check(model, cfg.data.store, cfg.run.eval_split, cfg.data.crop,
                                     cfg.run.eval_crops)
-    if finite:
-        plot_losses(finite, cfg.run.output_dir / "loss_curve.png")
     steps = records[-1]["step"] if records else 0
     chance = chance_losses(cfg, accelerator.num_processes)
+    if finite:
+        plot_losses(finite, cfg.run.output_dir / "loss_curve.png", chance)
     spread_keys = [f"{e}/{s}" for e in SPREAD_EMBEDDINGS for s in SPREAD_STATS]
     spread = {k: sum(r[k] for r in finite[-window:]) / window for k in spread_keys
               if finite and k in finite[0]}
@@ -233,10 +251,7 @@ def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
         lines.append(f"  WARNING: embedding collapse in {len(collapsed)} of {len(finite)} steps "
                      f"(first at step {collapsed[0]}, last at {collapsed[-1]}); see docs/pretraining.md")
     if retrieval:
-        lines.append(f"  retrieval on {retrieval['studies']} held-out '{cfg.run.eval_split}' studies: "
-                     + ", ".join(f"R@{k} {retrieval[f'v2r_recall@{k}']:.2f} (chance "
-                                 f"{retrieval[f'chance_recall@{k}']:.2f})" for k in (1, 5))
-                     + f", median rank {retrieval['v2r_median_rank']:.0f}")
+        lines.append(retrieval_line(retrieval, cfg.run.eval_split))
         es = retrieval["eval_spread"]
         lines.append(f"  held-out crops, eval mode: same-study cos {es['same_cos']:.3f}, cross-study cos "
                      f"{es['cross_cos']:.3f}, std*sqrt(E) {es['std_ratio']:.3f}")
