@@ -53,3 +53,19 @@ def test_aggregate_seeds():
     assert aggregate_seeds([{"x": 1.0}])["x"] == MeanStd(1.0, 0.0)
     with pytest.raises(ValueError):
         aggregate_seeds([])
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "a\\b", ".hidden", "x\0y", ""])
+def test_write_results_refuses_names_that_are_not_one_file_stem(tmp_path, name):
+    with pytest.raises(ValueError, match="plain file stem"):
+        write_results({"a": 1}, tmp_path / "out", name)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_write_results_replaces_atomically(tmp_path):
+    write_results({"a": 1}, tmp_path, "r")
+    bad = {"a": object()}  # not serialisable: nothing may change, no temp file left behind
+    with pytest.raises(TypeError):
+        write_results(bad, tmp_path, "r")
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]

@@ -118,19 +118,34 @@ def write_results(
     Returns:
         ``(json_path, markdown_path)``.
 
+    Both files are rendered first, then each is written to a temporary name in ``out_dir`` and
+    renamed over the target (atomic: a reader sees the old file or the new one, never half).
+
     Raises:
-        ValueError: if ``name`` is empty or contains a path separator.
+        ValueError: if ``name`` is not a plain file stem (``t3d_data.names.safe_filename``
+            would change it: a path separator, ``..``, a leading dot, NUL, ...).
     """
-    if not name or os.sep in name or "/" in name:
-        raise ValueError(f"name must be a plain file stem; got {name!r}")
+    from t3d_data.names import safe_filename
+
+    if not name or safe_filename(name) != name:
+        raise ValueError(
+            f"name must be a plain file stem; got {name!r} (e.g. {safe_filename(name or '_')!r})"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    json_path.write_text(
-        json.dumps(_to_json(results), indent=2, allow_nan=False, ensure_ascii=False) + "\n",
-        encoding="utf-8",
-    )
-    md_path.write_text(_markdown(results, name, digits), encoding="utf-8")
+    texts = {
+        json_path: json.dumps(_to_json(results), indent=2, allow_nan=False, ensure_ascii=False)
+        + "\n",
+        md_path: _markdown(results, name, digits),
+    }
+    for path, text in texts.items():
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return json_path, md_path
 
 
