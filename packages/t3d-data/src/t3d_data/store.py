@@ -209,8 +209,9 @@ def _claim_store(out: Path) -> None:
 
 def _only_own_names(out: Path) -> bool:
     """True when every entry of ``out`` (and of its ``studies/``) is named as prepare names its
-    own entries (an unmarked folder left by an older version's killed first run)."""
-    top = {INDEX_NAME, QUARANTINE_NAME, STUDIES_DIR}
+    own entries (an unmarked folder left by an older version's killed first run). A folder
+    with an ``index.json`` is judged by that index instead."""
+    top = {QUARANTINE_NAME, STUDIES_DIR}
     for entry in out.iterdir():
         if entry.name not in top and not _TMP_FILE.fullmatch(entry.name):
             return False
