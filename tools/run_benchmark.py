@@ -198,13 +198,28 @@ def pretrain(cfg: dict[str, Any], arm: str, seed: int, store: Path,
     cmd = pretrain_command(cfg, arm, seed, store, run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    print(f"[benchmark] pre-training {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    log = run_dir.parent / f"{arm}-seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[benchmark] pre-training {arm} seed {seed} (its output: {log}): "
+          f"{' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    tail = b""
+    echo = getattr(sys.stderr, "buffer", None)
+    with open(log, "wb", buffering=0) as out_f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read1(4096):  # live: pretrain.py's progress bar, warnings
+            if echo is not None:
+                echo.write(chunk)
+                echo.flush()
+            out_f.write(chunk)
+            tail = (tail + chunk)[-3000:]
+        code = proc.wait()
     seconds = time.perf_counter() - t0
-    if res.returncode != 0:
+    if code != 0:
         raise SystemExit(f"error: pre-training arm {arm!r} (seed {seed}) failed with exit code "
-                         f"{res.returncode}:\n{res.stderr[-3000:]}")
+                         f"{code} (full output: {log}):\n"
+                         f"{tail.decode('utf-8', errors='replace')}")
     timing.write_text(json.dumps({"seconds": seconds}) + "\n", encoding="utf-8")
     return run_dir / "model", seconds
 
