@@ -84,6 +84,11 @@ def check_inputs(cfg: Any) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; pass a folder for the results")
+    findings = getattr(cfg, "findings", None)
+    if findings is not None and not Path(findings).is_file():
+        raise ConfigError(f"findings: {findings} does not exist; pass the phantom findings "
+                          "sidecar (phantom_findings.jsonl) or leave it out to find it next to "
+                          "the store")
 
 
 def set_threads(threads: int | None) -> None:
