@@ -247,23 +247,25 @@ MIN_UNITS = 8
 def trained_temperatures(run_dir: Path | None) -> dict[str, float]:
     """The trained ``logit_scale`` of the TCL / alignment terms of a pre-training run.
 
-    Read from the newest complete ``RUN/checkpoints/step-*/model.safetensors`` (accelerate's
-    state of the model + objective module). A term that the arm did not train (weight 0)
-    has no entry.
+    Read from the newest complete ``RUN/checkpoints/step-*/objective.safetensors`` (the
+    objective's tensors; in older checkpoints ``model.safetensors``, accelerate's state of the
+    model + objective module). A term that the arm did not train (weight 0) has no entry.
     """
     if run_dir is None:
         return {}
+    names = ("objective.safetensors", "model.safetensors")
     ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step-*")
-                   if (p / "model.safetensors").is_file() and "tmp" not in p.name)
+                   if any((p / n).is_file() for n in names) and "tmp" not in p.name)
     if not ckpts:
         return {}
     from safetensors import safe_open
 
     out = {}
-    with safe_open(str(ckpts[-1] / "model.safetensors"), framework="pt") as f:
+    path = next(ckpts[-1] / n for n in names if (ckpts[-1] / n).is_file())
+    with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             for term in ("tcl", "align"):
-                if key.endswith(f"objective.{term}.logit_scale"):
+                if key == f"{term}.logit_scale" or key.endswith(f"objective.{term}.logit_scale"):
                     out[term] = float(f.get_tensor(key))
     return out
 
