@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from t3d_tools.checkpoint import resolve_resume  # noqa: E402
 from t3d_tools.config import ConfigError, load_config, run_cli  # noqa: E402
 
 log = logging.getLogger("t3d.pretrain")
@@ -45,7 +46,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
              "crop": {"num_crops": 2}},
     "model": {"preset": "t3d-tiny-cpu"},
     "optim": {"lr": 1e-3, "warmup_steps": 3, "max_steps": 30},
-    "run": {"output_dir": "runs/demo", "checkpoint_every": 30, "eval_crops": 2},
+    # One resumable checkpoint (~330 MB: weights + AdamW state); --set run.keep_last=N keeps more.
+    "run": {"output_dir": "runs/demo", "checkpoint_every": 30, "keep_last": 1, "eval_crops": 2},
 }
 
 
@@ -110,6 +112,9 @@ class StopFlag:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_pretrain_config(args)
+    ckpt_root = cfg.run.output_dir / "checkpoints"
+    # before anything is built: nothing to resume from is one line and status 2, in seconds
+    resume_from = resolve_resume(args.resume, ckpt_root) if args.resume else None
 
     import torch
     from accelerate import Accelerator
@@ -117,9 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     from t3d_data import CropDataset
     from t3d_models import T3DModel
     from t3d_objectives import CropCorruption, T3DObjective
-    from t3d_tools.checkpoint import finalize, resolve_resume, write_json_atomic
+    from t3d_tools.checkpoint import (
+        OBJECTIVE,
+        clear_stale,
+        finalize,
+        load_module_weights,
+        read_state,
+        save_module_weights,
+        tmp_folder,
+        trim_log,
+        write_json_atomic,
+    )
     from t3d_tools.data import EpochShuffleSampler, PretrainDataset, collate_pretrain
     from t3d_tools.pretrain_config import resolve_objective
+    from t3d_tools.schedule import warmup_cosine_schedule
     from t3d_tools.trainer import (
         PretrainModule,
         collapse_warning,
@@ -129,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     objective_cfg = resolve_objective(cfg.objective)
     disabled_term = min(objective_cfg.w_tcl, objective_cfg.w_tir, objective_cfg.w_align) == 0
@@ -145,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ckpt_root = run_dir / "checkpoints"
 
     if str(cfg.data.store) == "<demo>":
         with accelerator.main_process_first():  # the main process builds; the others find the cache
@@ -187,32 +201,46 @@ def main(argv: list[str] | None = None) -> int:
                                        cfg.optim.text_lr_mult, extra=module.objective)
     head_group = next(i for i, g in enumerate(groups) if g["name"].startswith("heads/"))
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, cfg.optim.max_steps)
-    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    # Not prepared: accelerate would step it num_processes times per optimizer step. It is
+    # stepped once per optimizer step below and saved/restored with the checkpoint.
+    scheduler = warmup_cosine_schedule(optimizer, cfg.optim.warmup_steps, cfg.optim.max_steps)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
     batches_per_epoch = len(loader)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
              "consecutive_skips": 0, "studies_seen": 0, "studies_failed": 0, "collapsed_steps": 0}
-    if args.resume:
-        path = resolve_resume(args.resume, ckpt_root)
-        accelerator.load_state(str(path))
-        state.update(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["state"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state["step"],
+    # The weights are stored once per checkpoint: the model as save_pretrained writes it
+    # (model/, loadable by every tool) and the objective's temperatures in objective.safetensors;
+    # accelerate keeps the optimizer, scheduler and RNG states.
+    accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+    accelerator.register_load_state_pre_hook(
+        lambda models, folder: models.clear() if (Path(folder) / OBJECTIVE).is_file() else None)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        if (resume_from / OBJECTIVE).is_file():  # else an older checkpoint: accelerate loaded it
+            load_module_weights(accelerator.unwrap_model(module), resume_from)
+        state.update(read_state(resume_from)["state"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state["step"],
                  state["epoch"], state["batch_in_epoch"])
 
     if use_tensorboard:
         accelerator.init_trackers("tensorboard")
     log_path = run_dir / "log.jsonl"
+    if accelerator.is_main_process:  # each step once: drop steps logged after the checkpoint
+        trim_log(log_path, state["step"])
     stop = StopFlag()
 
     def save_checkpoint() -> Path | None:
-        tmp = ckpt_root / f".tmp-{state['step']:08d}"
+        tmp = tmp_folder(ckpt_root, state["step"])
+        if accelerator.is_main_process:  # a killed write's partial files must not end up in it
+            clear_stale(ckpt_root)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         final = None
         if accelerator.is_main_process:
-            accelerator.unwrap_model(module).model.save_pretrained(tmp / "model")
+            save_module_weights(accelerator.unwrap_model(module), tmp)
             final = finalize(tmp, ckpt_root, state["step"], {"step": state["step"], "state": state,
                                                              "config": resolved}, cfg.run.keep_last)
             log.info("checkpoint %s", final)
@@ -267,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             crops_done += batch["crops"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            lr = optimizer.param_groups[head_group]["lr"]  # the rate this step was taken with
             scheduler.step()
             state["step"] += 1
             if finite:
@@ -283,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                         "optim.lr, check the data, or try run.mixed_precision=no")
             logged = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in losses.items()}
             record = {"step": state["step"], "epoch": state["epoch"], **logged,
-                      "lr": scheduler.get_last_lr()[head_group], "grad_norm": grad_norm,
+                      "lr": lr, "grad_norm": grad_norm,
                       "skipped": not finite, "time": time.perf_counter() - t_start}
             warning = collapse_warning(record)
             state["collapsed_steps"] += warning is not None
