@@ -275,9 +275,15 @@ def test_seg_summary_shows_both_arms_or_the_baseline_command(tmp_path):
     (tmp_path / "seg-scratch.json").write_text(json.dumps(results("scratch", 0.45)))
     (tmp_path / "other.json").write_text(json.dumps({**results("scratch", 0.1), "steps": 9}))
     both = seg.summary(cfg, mine, seg.baseline_results(cfg, mine))
-    assert "from-scratch baseline with the same budget" in both and "seg-scratch.json" in both
-    assert "mean Dice 0.450, a difference of +0.150" in both and "lungs 0.600 vs 0.450" in both
-    assert SegmentationConfig(store="S", scratch=True).stem == "seg-scratch"
+    assert "from-scratch arm with the same budget" in both and "seg-scratch.json" in both
+    assert "mean Dice 0.450; this run minus that one: +0.150" in both
+    assert "lungs 0.600 vs 0.450" in both
+    scratch = SegmentationConfig(store="S", scratch=True)
+    assert scratch.stem == "seg-scratch"
+    argv = ["--store", "S", "--set", "scratch=true", "--set", "max_test=1"]
+    assert seg.other_arm_command(scratch, argv) == (
+        "python tools/finetune_seg.py --store S --set max_test=1 --checkpoint RUN/model")
+    assert seg.other_arm_command(cfg, ["--store", "S"]).endswith("--store S --scratch")
 
 
 def test_cls_summary_puts_auc_next_to_chance():

@@ -169,9 +169,28 @@ def baseline_results(cfg: SegmentationConfig, results: dict[str, Any]) -> tuple[
     return max(found, key=lambda f: f[0])[1:] if found else None
 
 
+def other_arm_command(cfg: SegmentationConfig, argv: list[str]) -> str:
+    """This command line with ``--scratch`` added (T3D arm) or removed (scratch arm)."""
+    import shlex
+
+    args = list(argv)
+    if cfg.scratch:
+        drop = {i for i, a in enumerate(args) if a == "--scratch"}
+        drop |= {i for i, a in enumerate(args)
+                 if a.replace(" ", "") == "scratch=true" and i and args[i - 1] == "--set"}
+        drop |= {i - 1 for i in drop if args[i] != "--scratch"}
+        args = [a for i, a in enumerate(args) if i not in drop]
+        if cfg.model.checkpoint is None:
+            args += ["--checkpoint", "RUN/model"]
+    else:
+        args.append("--scratch")
+    return "python tools/finetune_seg.py " + shlex.join(args)
+
+
 def summary(cfg: SegmentationConfig, results: dict[str, Any],
-            baseline: tuple[Path, dict] | None) -> str:
-    """One paragraph: this arm's Dice per organ next to the other arm's (or how to get it)."""
+            baseline: tuple[Path, dict] | None, command: str | None = None) -> str:
+    """One paragraph: this arm's Dice per organ next to the other arm's (or ``command``, the
+    command that runs it)."""
 
     def fmt(x: Any) -> str:
         return "n/a" if x is None or x != x else f"{x:.3f}"
@@ -190,18 +209,20 @@ def summary(cfg: SegmentationConfig, results: dict[str, Any],
         bd = base["dice"]
         a, b = dice.get("mean"), bd.get("mean")
         diff = "n/a" if None in (a, b) or a != a or b != b else f"{a - b:+.3f}"
-        text += (f"The {that} baseline with the same budget ({path}): mean Dice {fmt(b)}, a "
-                 f"difference of {diff}. Per organ, this run vs the baseline: "
+        text += (f"The {that} arm with the same budget ({path}): mean Dice {fmt(b)}; this run "
+                 f"minus that one: {diff}. Per organ, this run vs the {that} arm: "
                  + ", ".join(f"{c} {fmt(dice.get(c))} vs {fmt(bd.get(c))}" for c in classes)
                  + ".")
     else:
-        flag = " --scratch" if results["init"] == "t3d" else ""
-        ckpt = f" --checkpoint {cfg.model.checkpoint or 'RUN/model'}"
+        if command is None:
+            flag = " --scratch" if results["init"] == "t3d" else ""
+            command = (f"python tools/finetune_seg.py --checkpoint "
+                       f"{cfg.model.checkpoint or 'RUN/model'} --store {cfg.store} --out {cfg.out} "
+                       f"--fraction {cfg.label_fraction:g} --steps {cfg.steps}{flag}")
         text += ("Per organ: " + ", ".join(f"{c} {fmt(dice.get(c))}" for c in classes) + ". "
-                 f"No {that} baseline with this budget in {cfg.out} yet: run `python "
-                 f"tools/finetune_seg.py{ckpt} --store {cfg.store} --out {cfg.out} --fraction "
-                 f"{cfg.label_fraction:g} --steps {cfg.steps}{flag}` and its summary puts the two "
-                 "side by side (predicting background everywhere scores Dice 0).")
+                 f"No {that} arm with this budget in {cfg.out} to compare with yet: `{command}` "
+                 "runs it, and its summary puts the two side by side (predicting background "
+                 "everywhere scores Dice 0).")
     return text
 
 
@@ -211,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SegmentationConfig, argv, __doc__.split("\n\n")[0], SHORTCUTS)
     check_inputs(cfg)
     results = segment(cfg, progress=True)
-    print(summary(cfg, results, baseline_results(cfg, results)))
+    command = other_arm_command(cfg, sys.argv[1:] if argv is None else argv)
+    print(summary(cfg, results, baseline_results(cfg, results), command))
     return 0
 
 
