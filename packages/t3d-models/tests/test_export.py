@@ -44,3 +44,32 @@ def test_encoder_only_export(tiny_model):
                                         return_report=True)
     assert {k.split(".")[0] for k in report["newly_initialised"]} == {
         "decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out"}
+
+
+def test_save_swinunetr_folder_loads_in_plain_monai_with_its_card(tiny_model, tiny_ckpt, tmp_path):
+    """The card's own recipe (plain MONAI + safetensors, no t3d_models) loads it strictly."""
+    import json
+    import os
+
+    from huggingface_hub import ModelCard
+    from monai.networks.nets import SwinUNETR
+    from safetensors.torch import load_file
+    from t3d_models import save_swinunetr
+
+    out = save_swinunetr(tiny_ckpt, tmp_path / "seg", out_channels=3)
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert cfg["swinunetr"]["out_channels"] == 3 and cfg["swinunetr"]["feature_size"] == 12
+    assert cfg["preprocessing"] == tiny_model.config.preprocessing_record()
+    assert cfg["newly_initialised"] == ["out.conv.conv.bias", "out.conv.conv.weight"]
+    net = SwinUNETR(**cfg["swinunetr"])
+    net.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    ref = tiny_model.state_dict()
+    for key, value in net.state_dict().items():
+        if not key.startswith("out."):
+            assert torch.equal(value, ref["vision.swin." + key]), key
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "monai" and card.data.license == "apache-2.0"
+    assert card.data.to_dict()["t3d"]["preprocessing"]["hu_window"] == [-1000.0, 1000.0]
+    assert "| `pad_value` | -1024 |" in card.text and "Not for clinical use" in card.text
+    assert "`out`" in card.text  # the newly initialised module is named

@@ -9,7 +9,8 @@ from t3d_models.io import check_state_dict
 
 
 def test_layout_and_no_temp_files(tiny_ckpt):
-    assert sorted(os.listdir(tiny_ckpt)) == ["config.json", "model.safetensors", "text_encoder"]
+    assert sorted(os.listdir(tiny_ckpt)) == ["README.md", "config.json", "model.safetensors",
+                                             "text_encoder"]
     assert "tokenizer.json" in os.listdir(tiny_ckpt / "text_encoder")
     cfg = json.loads((tiny_ckpt / "config.json").read_text(encoding="utf-8"))
     assert cfg["name"] == "t3d-tiny-cpu" and cfg["text"]["model_name_or_path"] == "minilm"
@@ -39,8 +40,10 @@ def test_round_trip_is_exact(tiny_model, tiny_ckpt, tiny_batch):
 def test_save_twice_overwrites_atomically(tiny_model, tmp_path):
     path = tmp_path / "ck"
     tiny_model.save_pretrained(path)
-    tiny_model.save_pretrained(path)
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "text_encoder"]
+    tiny_model.save_pretrained(path, card={"steps": 3})
+    assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors",
+                                        "text_encoder"]
+    assert "- steps: 3" in (path / "README.md").read_text(encoding="utf-8")  # the new card
 
 
 def test_refuses_missing_unexpected_and_mismatched_keys(tiny_ckpt, tmp_path):

@@ -1,4 +1,5 @@
-"""t3d_models: the T3D model (SwinUNETR + HF text encoder + interactor), presets, I/O, export.
+"""t3d_models: the T3D model (SwinUNETR + HF text encoder + interactor), presets, I/O, model cards,
+the Hugging Face Hub, export.
 
 Importing this package is cheap: MONAI and transformers load on first model construction.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .card import CardFacts, write_model_card  # noqa: E402
 from .config import (  # noqa: E402
     InteractorConfig,
     PreprocessingConfig,
@@ -16,8 +18,9 @@ from .config import (  # noqa: E402
     list_presets,
     load_preset,
 )
-from .export import build_monai_swinunetr, export_swinunetr, swinunetr_kwargs  # noqa: E402
+from .export import build_monai_swinunetr, export_swinunetr, save_swinunetr, swinunetr_kwargs  # noqa: E402
 from .heads import HEAD_KINDS, GlobalBatchNorm1d, ProjectionHead  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .interactor import Interactor  # noqa: E402
 from .io import load_pretrained, save_pretrained  # noqa: E402
 from .model import T3DModel  # noqa: E402
@@ -27,6 +30,7 @@ from .vision import SwinUNETRBackbone, VisionFeatures, check_crop_size  # noqa: 
 __all__ = [
     "HEAD_KINDS",
     "MINILM",
+    "CardFacts",
     "GlobalBatchNorm1d",
     "HFTextEncoder",
     "Interactor",
@@ -47,7 +51,10 @@ __all__ = [
     "load_pretrained",
     "load_preset",
     "masked_mean",
+    "push_to_hub",
     "resolve_text_model",
     "save_pretrained",
+    "save_swinunetr",
     "swinunetr_kwargs",
+    "write_model_card",
 ]

@@ -3,6 +3,9 @@
 The backbone keeps MONAI's module names (``vision.swin.<key>``), so the export is a prefix strip:
 encoder keys (``swinViT``, ``encoder1..4``, ``encoder10``) load strictly; decoder keys are
 included when present and shape-compatible (``out`` only when ``out_channels`` matches).
+:func:`save_swinunetr` writes the network as a folder of its own (``config.json`` with the
+``SwinUNETR`` arguments and the preprocessing record, ``model.safetensors``, a ``README.md``
+card). Sources may be a model, a checkpoint folder or a Hugging Face hub id.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .vision import DECODER_MODULES, ENCODER_MODULES
 if TYPE_CHECKING:
     from .model import T3DModel
 
-__all__ = ["build_monai_swinunetr", "export_swinunetr", "swinunetr_kwargs"]
+__all__ = ["build_monai_swinunetr", "export_swinunetr", "save_swinunetr", "swinunetr_kwargs"]
 
 logger = logging.getLogger(__name__)
 _PREFIX = "vision.swin."
@@ -29,9 +32,10 @@ _PREFIX = "vision.swin."
 def _resolve(source: T3DModel | str | os.PathLike) -> tuple[T3DModelConfig, dict[str, torch.Tensor]]:
     """Config and full state dict from a model or a checkpoint directory (no text model built)."""
     if isinstance(source, str | os.PathLike):
+        from .hub import resolve_model_folder
         from .io import CONFIG_NAME, load_state_file
 
-        root = Path(source)
+        root = resolve_model_folder(source)
         cfg = T3DModelConfig.from_json(str(root / CONFIG_NAME))
         return cfg, load_state_file(root)
     return source.config, {k: v.detach().cpu() for k, v in source.state_dict().items()}
@@ -119,9 +123,11 @@ def build_monai_swinunetr(
     from .io import check_state_dict
 
     if isinstance(source, str | os.PathLike):
+        from .hub import resolve_model_folder
         from .io import CONFIG_NAME
 
-        config = T3DModelConfig.from_json(str(Path(source) / CONFIG_NAME))
+        source = resolve_model_folder(source)
+        config = T3DModelConfig.from_json(str(source / CONFIG_NAME))
     else:
         config = source.config
     state = export_swinunetr(source, out_channels=out_channels, include_decoder=include_decoder)
@@ -145,3 +151,61 @@ def build_monai_swinunetr(
     if return_report:
         return net, {"loaded": sorted(state), "newly_initialised": new}
     return net
+
+
+def save_swinunetr(
+    source: T3DModel | str | os.PathLike,
+    path: str | os.PathLike,
+    out_channels: int,
+    include_decoder: bool = True,
+) -> Path:
+    """Write the exported ``SwinUNETR`` as a model folder of its own; returns the folder.
+
+    Layout: ``config.json`` (``swinunetr``: the constructor arguments, ``out_channels``
+    included; ``preprocessing``: the T3D model's preprocessing record; ``source``, ``preset``
+    and ``newly_initialised``: the keys at MONAI's init), ``model.safetensors`` (the full state
+    dict: ``SwinUNETR(**cfg["swinunetr"]).load_state_dict(...)`` loads it strictly) and
+    ``README.md`` (a model card with the preprocessing record). Files are written atomically,
+    ``config.json`` last. Upload with :func:`t3d_models.hub.push_to_hub`.
+
+    Args:
+        source: a :class:`T3DModel`, a checkpoint folder or a hub id.
+        path: the output folder (created if needed).
+        out_channels: output channels of the network (e.g. classes incl. background).
+        include_decoder: also the restoration decoder (see :func:`export_swinunetr`).
+    """
+    import json
+
+    from .card import CARD_NAME, swinunetr_card
+    from .io import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        _atomic_write_text,
+        _state_for_saving,
+        save_state_file,
+    )
+
+    if isinstance(source, str | os.PathLike):
+        from .hub import resolve_model_folder
+
+        source_name = str(source)
+        source = resolve_model_folder(source)
+        config = T3DModelConfig.from_json(str(Path(source) / CONFIG_NAME))
+    else:
+        source_name = f"T3DModel {source.config.name!r} (in memory)"
+        config = source.config
+    net, report = build_monai_swinunetr(source, out_channels=out_channels,
+                                        include_decoder=include_decoder, return_report=True)
+    kwargs = {**swinunetr_kwargs(config), "out_channels": out_channels}
+    kwargs = json.loads(json.dumps(kwargs))  # tuples -> lists, as config.json stores them
+    meta = {"architecture": "monai.networks.nets.SwinUNETR", "swinunetr": kwargs,
+            "preprocessing": config.preprocessing_record(), "source": source_name,
+            "preset": config.name, "include_decoder": include_decoder,
+            "newly_initialised": report["newly_initialised"]}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_file(_state_for_saving(net), out / WEIGHTS_NAME)
+    _atomic_write_text(out / CARD_NAME, swinunetr_card(config, kwargs, report["newly_initialised"],
+                                                       source_name))
+    _atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    return out

@@ -2,7 +2,8 @@
 
 The safetensors file holds every tensor, the text encoder's included, so a checkpoint is
 self-contained; ``text_encoder/`` keeps the Hugging Face config and tokenizer so it reloads
-offline. Writes are atomic per file (temp file + fsync + ``os.replace``, then the folder is
+offline; ``README.md`` is the model card (:mod:`t3d_models.card`). The folder is a Hugging Face
+model repo: :func:`load_pretrained` also takes a hub id (:mod:`t3d_models.hub`). Writes are atomic per file (temp file + fsync + ``os.replace``, then the folder is
 fsync'ed); files and folders get the usual umask-respecting modes (0644 / 0755 under umask 022).
 """
 
@@ -20,6 +21,7 @@ from . import __version__
 from .config import T3DModelConfig
 
 if TYPE_CHECKING:
+    from .card import CardFacts
     from .model import T3DModel
 
 __all__ = ["CONFIG_NAME", "TEXT_DIR", "WEIGHTS_NAME", "load_pretrained", "load_state_file",
@@ -97,15 +99,39 @@ def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in state.items()}
 
 
-def save_pretrained(model: T3DModel, path: str | os.PathLike) -> None:
-    """Write a checkpoint directory.
+def _parameter_counts(model: T3DModel) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.vision.parameters())
+    text = sum(p.numel() for p in model.text.parameters())
+    return {"total": total, "vision": vision, "text": text, "interactor and heads": total - vision - text}
+
+
+def save_pretrained(model: T3DModel, path: str | os.PathLike,
+                    card: CardFacts | dict | None = None) -> None:
+    """Write a checkpoint directory (a Hugging Face model repo).
 
     Layout: ``config.json`` (the resolved :class:`T3DModelConfig`), ``model.safetensors`` (all
-    tensors), ``text_encoder/`` (HF config + tokenizer files, for offline reloading).
+    tensors), ``text_encoder/`` (HF config + tokenizer files, for offline reloading),
+    ``README.md`` (the model card: architecture, preset, preprocessing record, intended use,
+    limits, and whatever ``card`` adds).
     Each file is written to a temporary name, fsync'ed and moved into place with
     ``os.replace``; ``config.json`` goes last, so its presence marks a complete checkpoint.
+
+    Args:
+        model: the model.
+        path: the folder (created if needed; existing files are replaced).
+        card: training facts for the card (:class:`t3d_models.card.CardFacts` or its dict:
+            ``steps``, ``data``, ``command``, ``metrics``, ``chance``, ``metrics_command``,
+            ``notes``); ``None`` writes a card from the config alone.
+
+    Raises:
+        ValueError: an unknown or mistyped card field (checked before anything is written).
     """
+    from .card import CARD_NAME, _facts, model_card
+
     out = Path(path)
+    card_text = model_card(model.config, _facts(card, f"save_pretrained({out})"),
+                           _parameter_counts(model))
     out.mkdir(parents=True, exist_ok=True)
     # text encoder folder: write aside, then swap in
     tmp_text = _temp_name(out, TEXT_DIR)
@@ -126,6 +152,7 @@ def save_pretrained(model: T3DModel, path: str | os.PathLike) -> None:
         shutil.rmtree(tmp_text, ignore_errors=True)
 
     save_state_file(_state_for_saving(model), out / WEIGHTS_NAME)
+    _atomic_write_text(out / CARD_NAME, card_text)
     _atomic_write_text(out / CONFIG_NAME, model.config.to_json() + "\n")
 
 
@@ -195,20 +222,26 @@ def check_state_dict(expected: dict[str, torch.Tensor], loaded: dict[str, torch.
         raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
 
 
-def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                    ) -> T3DModel:
+def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                    token: str | bool | None = None) -> T3DModel:
     """Rebuild a model from ``config.json`` and load ``model.safetensors`` strictly.
 
+    ``path`` is a local folder or a Hugging Face hub id (``namespace/name``), fetched with
+    ``huggingface_hub.snapshot_download`` (``revision``, ``cache_dir``, ``token``; offline
+    under ``HF_HUB_OFFLINE=1``, from the cache only). The card (``README.md``) is not needed.
     The text tower is rebuilt from ``text_encoder/`` when present (offline, random init, then
     overwritten), otherwise from ``config.text.model_name_or_path``.
 
     Raises:
-        FileNotFoundError: ``config.json`` or ``model.safetensors`` missing.
+        FileNotFoundError: ``config.json`` or ``model.safetensors`` missing, or a hub id that
+            is neither cached nor downloadable (the message says how to fix it).
         ValueError: missing/unexpected keys or shape mismatches (named in the message).
     """
+    from .hub import resolve_model_folder
     from .model import T3DModel
 
-    root = Path(path)
+    root = resolve_model_folder(path, revision=revision, cache_dir=cache_dir, token=token)
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {root} (not a T3D checkpoint directory)")

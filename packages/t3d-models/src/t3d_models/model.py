@@ -113,18 +113,40 @@ class T3DModel(nn.Module):
         return cls(T3DModelConfig.from_preset(name, **overrides))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                        ) -> T3DModel:
-        """Load a directory written by :meth:`save_pretrained` (strict; see ``t3d_models.io``)."""
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None) -> T3DModel:
+        """Load a folder written by :meth:`save_pretrained`, or a Hugging Face hub id.
+
+        A hub id (``namespace/name``) is fetched with ``huggingface_hub.snapshot_download``
+        (``revision``, ``cache_dir``, ``token``); under ``HF_HUB_OFFLINE=1`` only the cache is
+        used. Strict (see :func:`t3d_models.io.load_pretrained`).
+        """
         from .io import load_pretrained
 
-        return load_pretrained(path, map_location=map_location)
+        return load_pretrained(path, map_location=map_location, revision=revision,
+                               cache_dir=cache_dir, token=token)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (+ text config/tokenizer) atomically."""
+    def save_pretrained(self, path: str | os.PathLike, card: dict | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ text config/tokenizer) + the
+        ``README.md`` model card atomically; ``card``: training facts for the card (see
+        :class:`t3d_models.card.CardFacts`)."""
         from .io import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, card=card)
+
+    def push_to_hub(self, repo_id: str, card: dict | None = None, **kwargs: object) -> object:
+        """Save into a temporary folder and upload it (:func:`t3d_models.hub.push_to_hub`;
+        ``kwargs``: ``private``, ``token``, ``revision``, ``commit_message``, ``create_repo``)."""
+        import tempfile
+
+        from .hub import check_repo_id, push_to_hub
+
+        check_repo_id(repo_id)  # before the (slow) save
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, repo_id.rsplit("/", 1)[-1])
+            self.save_pretrained(folder, card=card)
+            return push_to_hub(folder, repo_id, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
