@@ -262,3 +262,33 @@ def test_unreadable_study_is_counted_not_fatal(store, tmp_path):
                   tmp_path)
     assert strict.returncode != 0 and "Traceback" not in strict.stderr
     assert "studies failed to load (> run.max_bad_fraction=0.0)" in strict.stderr
+
+
+def test_preprocessing_record_travels_from_training_to_evaluation(store, tmp_path):
+    """Train on a non-default HU window; evaluation reads it from the checkpoint and uses it."""
+    run = tmp_path / "win"
+    res = _run([*SMALL, "--set", f"data.store={store}", "--set", "optim.max_steps=1",
+                "--set", "run.eval_split=null", "--set", "data.crop.hu_window=[-200,300]",
+                "--set", f"run.output_dir={run}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads((run / "model" / "config.json").read_text(encoding="utf-8"))
+    assert saved["preprocessing"]["hu_window"] == [-200.0, 300.0]
+    ckpt = next((run / "checkpoints").glob("step-*"))
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["config"]["model"]["preprocessing"]["hu_window"] == [-200.0, 300.0]
+
+    evaluate = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--checkpoint", str(run / "model"),
+                "--store", str(store), "--out", str(tmp_path / "eval"), "--set", "embedding.mode=random",
+                "--set", "embedding.num_crops=1", "--set", "max_studies=3", "--set", "twins_per_study=0"]
+    ev = subprocess.run(evaluate, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                        encoding="utf-8", errors="replace", timeout=420)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    used = json.loads((tmp_path / "eval" / "eval.json").read_text(encoding="utf-8"))["preprocessing"]
+    assert used["hu_window"] == [-200.0, 300.0] and used["crop_size"] == [64, 64, 64]
+    # an explicit window that disagrees with the record is refused, in one line, unless forced
+    bad = subprocess.run([*evaluate, "--set", "model.hu_window=[-1000,1000]"], cwd=ROOT,
+                         env=_env(tmp_path), capture_output=True, text=True, encoding="utf-8",
+                         errors="replace", timeout=420)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "model.hu_window=[-1000.0, 1000.0] disagrees with the window the model was pre-trained " \
+           "with, [-200.0, 300.0]" in bad.stderr and "model.force_preprocessing=true" in bad.stderr

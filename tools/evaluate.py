@@ -100,6 +100,7 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
     from t3d_data import VolumeDataset
     from t3d_data.phantom import ZERO_SHOT_PROMPTS
     from t3d_tools.eval_common import find_sidecar, load_model, read_sidecar, set_threads, subset
+    from t3d_tools.preprocessing import resolve_preprocessing
 
     sidecar_path = find_sidecar(cfg.store, cfg.findings)
     set_threads(cfg.runtime.threads)
@@ -111,8 +112,9 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
         model = load_model(cfg.model, cfg.runtime.seed)
     model = model.to(accelerator.device).eval()
     crop_size = tuple(cfg.embedding.crop_size or model.config.vision.crop_size)
+    prep = resolve_preprocessing(cfg.model, model.config)  # the window the model was trained on
 
-    dataset = VolumeDataset(cfg.store, split=cfg.split)
+    dataset = VolumeDataset(cfg.store, split=cfg.split, hu_window=prep.hu_window)
     indices = subset(dataset, cfg.max_studies)
     if len(indices) < 2:
         from t3d_tools.config import ConfigError
@@ -165,6 +167,8 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
         scores = ev.zero_shot_scores(emb["volume_emb"], text, prompts,
                                      temperature=cfg.zero_shot_temperature)
         results["zero_shot_auc"] = ev.zero_shot_auc(scores, emb["labels"][:, finding_index], names)
+    results["preprocessing"] = {**model.config.preprocessing_record(),
+                                **prep.model_dump(mode="json")}
     results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
                          "split": cfg.split, "embedding": cfg.embedding.mode,
                          "crop_size": list(crop_size), "sidecar": str(sidecar_path),

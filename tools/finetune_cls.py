@@ -118,6 +118,7 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     from t3d_data import VolumeDataset
     from t3d_tools.config import ConfigError
     from t3d_tools.eval_common import load_model, set_threads, subset
+    from t3d_tools.preprocessing import resolve_preprocessing
 
     set_threads(cfg.runtime.threads)
     if model is None:
@@ -125,8 +126,9 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = feature_encoder(model, cfg.features).to(device)
     crop_size = tuple(cfg.embedding.crop_size or model.config.vision.crop_size)
-    train = VolumeDataset(cfg.store, split=cfg.train_split)
-    test = VolumeDataset(cfg.store, split=cfg.test_split)
+    prep = resolve_preprocessing(cfg.model, model.config)  # the window the model was trained on
+    train = VolumeDataset(cfg.store, split=cfg.train_split, hu_window=prep.hu_window)
+    test = VolumeDataset(cfg.store, split=cfg.test_split, hu_window=prep.hu_window)
     tr_idx, te_idx = subset(train, cfg.max_train), subset(test, cfg.max_test)
     if not tr_idx or not te_idx:
         raise ConfigError(f"train split {cfg.train_split!r} has {len(tr_idx)} studies and test split "
@@ -161,6 +163,8 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
                                               for i in te_idx],
                                 "probs": probs.tolist(), "labels": yte.tolist(),
                                 "untrainable": untrainable}
+    results["preprocessing"] = {**model.config.preprocessing_record(),
+                                **prep.model_dump(mode="json")}
     results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
                          "features": cfg.features, "full": cfg.full}
     if write:

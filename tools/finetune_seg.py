@@ -44,12 +44,13 @@ def label_lookup(classes: dict[str, list[int]]):
 
 
 def labelled_studies(store: Path, split: str, lut: Any, limit: int | None = None,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False,
+                     hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> list[dict]:
     """``{"image", "label", "study_id"}`` of the studies of ``split`` that have a mask."""
     from t3d_data import VolumeDataset
     from tqdm.auto import tqdm
 
-    ds = VolumeDataset(store, split=split)
+    ds = VolumeDataset(store, split=split, hu_window=hu_window)
     out = []
     for i in tqdm(range(len(ds)), desc=f"load {split}", unit="study", disable=not progress):
         if not ds.store.records[ds.indices[i]].has_mask:
@@ -93,14 +94,20 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
     import torch
     from t3d_data.names import safe_filename, safe_join
     from t3d_tools.config import ConfigError
-    from t3d_tools.eval_common import set_threads
+    from t3d_tools.eval_common import model_config, set_threads
+    from t3d_tools.preprocessing import resolve_preprocessing
     from tqdm.auto import tqdm
 
     set_threads(cfg.runtime.threads)
     lut = label_lookup(cfg.classes)
     num_classes = len(cfg.classes) + 1
-    train = labelled_studies(cfg.store, cfg.train_split, lut, progress=progress)
-    test = labelled_studies(cfg.store, cfg.test_split, lut, cfg.max_test, progress=progress)
+    # the window the encoder was pre-trained on (scratch: the preset's default record)
+    record = source.config if source is not None else model_config(cfg.model)
+    prep = resolve_preprocessing(cfg.model, record)
+    train = labelled_studies(cfg.store, cfg.train_split, lut, progress=progress,
+                             hu_window=prep.hu_window)
+    test = labelled_studies(cfg.store, cfg.test_split, lut, cfg.max_test, progress=progress,
+                            hu_window=prep.hu_window)
     if not train or not test:
         raise ConfigError(f"{len(train)} labelled studies in split {cfg.train_split!r} and "
                           f"{len(test)} in {cfg.test_split!r}; both need masks")
@@ -128,6 +135,7 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
         "label_fraction": cfg.label_fraction,
         "final_loss": losses[-1],
         "init": cfg.init,
+        "preprocessing": {**record.preprocessing_record(), **prep.model_dump(mode="json")},
         "config": {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
                    "seed": cfg.runtime.seed},
     }

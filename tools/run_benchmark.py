@@ -299,8 +299,9 @@ def heldout_pretext(cfg: dict[str, Any], model: Any, run_dir: Path | None, store
     import t3d_eval as ev
     from t3d_data import CropConfig, CropDataset
 
-    crops = CropConfig(crop_size=tuple(model.config.vision.crop_size),
-                       num_crops=cfg["num_crops"], seed=PRETEXT_CROP_SEED)
+    prep = model.config.preprocessing  # held-out crops windowed as the model was trained
+    crops = CropConfig(crop_size=tuple(model.config.vision.crop_size), hu_window=prep.hu_window,
+                       pad_value=prep.pad_value, num_crops=cfg["num_crops"], seed=PRETEXT_CROP_SEED)
     dataset = CropDataset(store, crops, split="test")
     objectives, temps = pretext_objectives(run_dir, device)
     res = ev.pretext_losses(model.to(device), objectives, dataset,

@@ -44,11 +44,17 @@ class ModelSection(BaseModel):
     ``checkpoint``: a ``save_pretrained`` folder (``RUN/model``). ``null`` means *no
     pre-training*: the ``preset`` architecture with random vision weights (seeded by
     ``runtime.seed``) and the preset's off-the-shelf text encoder.
+
+    Volumes are windowed with the checkpoint's recorded preprocessing (``config.json`` →
+    ``preprocessing``). ``hu_window`` may repeat it; a different window is an error unless
+    ``force_preprocessing`` is true (see t3d_tools/preprocessing.py).
     """
 
     model_config = _STRICT
     checkpoint: Path | None = None
     preset: str = "t3d-tiny-cpu"
+    hu_window: tuple[float, float] | None = None
+    force_preprocessing: bool = False
 
 
 class EmbeddingSection(BaseModel):
