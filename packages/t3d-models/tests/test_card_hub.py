@@ -32,10 +32,11 @@ def test_card_is_written_with_front_matter_preset_and_preprocessing(tiny_ckpt):
 def test_card_facts_are_rendered_and_bad_fields_refused(tiny_model, tmp_path):
     cfg = T3DModelConfig.from_preset("t3d-tiny-cpu", preprocessing={"hu_window": (-200, 300)})
     text = model_card(cfg, {"steps": 120, "data": "/data/store (96 studies)",
-                            "command": "accelerate launch tools/pretrain.py --config x.yaml",
-                            "metrics": {"tcl_loss (final)": 1.5}, "chance": {"tcl_loss (final)": 2.0794}})
+                            "command": ["accelerate", "launch", "tools/pretrain.py", "--config", "x.yaml"],
+                            "metrics": {"tcl_loss": 1.5, "tir_loss": 0.25},
+                            "chance": {"tcl_loss": ("log(7)", 1.9459)}})
     assert "- steps: 120" in text and "/data/store (96 studies)" in text
-    assert "| tcl_loss (final) | 1.5000 | 2.0794 |" in text
+    assert "| tcl_loss | 1.5000 | log(7) = 1.9459 |" in text and "| tir_loss | 0.2500 |  |" in text
     assert text.count("accelerate launch tools/pretrain.py --config x.yaml") == 2  # + "Measured by"
     assert "| `hu_window` | [-200, 300] |" in text and "steps: 120" in text.split("---")[1]
     with pytest.raises(ValueError, match=r"card field 'step'.*valid fields: steps, data"):

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import __version__
 from .config import T3DModelConfig
@@ -57,9 +58,11 @@ class CardFacts(BaseModel):
     Attributes:
         steps: optimizer steps of pre-training.
         data: the pre-training data (a store path, a dataset name, a short description).
-        command: the command that trained the model.
+        command: the command that trained the model (a string, or an argv list joined with
+            ``shlex.join``).
         metrics: measured values by name (e.g. final losses, Recall@10, AUC).
-        chance: chance level of some of the metrics, by the same names.
+        chance: chance level of some of the metrics, by the same names: a value or a
+            ``(formula, value)`` pair such as ``("log(7)", 1.9459)``.
         metrics_command: the command that measured ``metrics`` (default: ``command``).
         notes: free text appended to the card.
     """
@@ -70,9 +73,14 @@ class CardFacts(BaseModel):
     data: str | None = None
     command: str | None = None
     metrics: dict[str, float | int | str] = Field(default_factory=dict)
-    chance: dict[str, float | int | str] = Field(default_factory=dict)
+    chance: dict[str, float | int | str | tuple[str, float]] = Field(default_factory=dict)
     metrics_command: str | None = None
     notes: str | None = None
+
+    @field_validator("command", "metrics_command", mode="before")
+    @classmethod
+    def _join_argv(cls, v: object) -> object:
+        return shlex.join(str(a) for a in v) if isinstance(v, list | tuple) else v
 
 
 def _facts(card: CardFacts | dict | None, where: str) -> CardFacts:
@@ -129,7 +137,9 @@ def _training_section(facts: CardFacts) -> str:
     return "\n".join(out) + "\n"
 
 
-def _fmt_value(v: float | int | str) -> str:
+def _fmt_value(v: float | int | str | tuple[str, float]) -> str:
+    if isinstance(v, tuple):
+        return f"{v[0]} = {_fmt_value(v[1])}"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
