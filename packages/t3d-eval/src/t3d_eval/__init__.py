@@ -25,9 +25,12 @@ from t3d_eval.classification import (
 from t3d_eval.distributed import gather_embeddings
 from t3d_eval.embedding import (
     AIR_VALUE,
+    FEATURE_KINDS,
+    CropFeatures,
     EncoderModel,
     crop_encoder,
     embed_studies,
+    embed_volumes,
     sliding_window_starts,
     text_encoder,
     volume_embedding_from_crops,
@@ -55,7 +58,9 @@ from t3d_eval.zeroshot import prompt_embeddings, zero_shot_auc, zero_shot_scores
 __version__ = "0.1.0"
 __all__ = [
     "AIR_VALUE",
+    "FEATURE_KINDS",
     "CropClassifier",
+    "CropFeatures",
     "EncoderModel",
     "Interval",
     "MeanStd",
@@ -69,6 +74,7 @@ __all__ = [
     "cosine_similarity_matrix",
     "crop_encoder",
     "embed_studies",
+    "embed_volumes",
     "evaluate_segmentation",
     "finetune_classifier",
     "finetune_segmentation",

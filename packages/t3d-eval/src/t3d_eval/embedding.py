@@ -13,13 +13,16 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "AIR_VALUE",
+    "FEATURE_KINDS",
+    "CropFeatures",
     "EncoderModel",
     "crop_encoder",
     "embed_studies",
+    "embed_volumes",
     "sliding_window_starts",
     "text_encoder",
     "volume_embedding_from_crops",
@@ -302,4 +305,211 @@ def embed_studies(
                 if all(isinstance(v, Tensor | np.ndarray | int | float) for v in values)
                 else values
             )
+    return out
+
+
+#: Crop features :func:`embed_volumes` and :class:`CropFeatures` know by name ("backbone" is an
+#: alias of "pooled_tokens", the name the classification tool's config uses).
+FEATURE_KINDS = ("embedding", "pooled_tokens", "backbone")
+
+
+class CropFeatures(nn.Module):
+    """Crops ``(N, 1, D, H, W)`` → ``(N, dim)`` features of a T3D model, as an ``nn.Module``.
+
+    ``kind="embedding"``: ``model.encode_volume_crops`` (``proj_v`` of the pooled tokens, the
+    aligned space; ``dim = model.config.embed_dim``). ``kind="pooled_tokens"`` (alias
+    ``"backbone"``): the mean of the vision tower's bottleneck tokens, before any projection
+    (``dim = model.vision.token_channels``). The module holds ``model``, so fine-tuning it (e.g.
+    in :func:`t3d_eval.finetune_classifier`) trains the encoder.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+
+    def __init__(self, model: Any, kind: str = "embedding") -> None:
+        super().__init__()
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {FEATURE_KINDS}; got {kind!r}")
+        self.model = model
+        self.kind = "pooled_tokens" if kind == "backbone" else kind
+        self.dim = int(model.config.embed_dim if self.kind == "embedding"
+                       else model.vision.token_channels)
+
+    def forward(self, crops: Tensor) -> Tensor:
+        if self.kind == "embedding":
+            return self.model.encode_volume_crops(crops)
+        vision = self.model.vision
+        tokens, _ = vision.tokens(vision.encode(crops, skips=False))
+        return tokens.mean(1)
+
+
+_MODES = ("sliding", "random", "crops")
+_TENSOR_KEYS = ("labels", "group")
+_LIST_KEYS = {"report": "reports", "study_id": "study_ids"}
+
+
+def _recording(encode: CropEncodeFn, seen: list[Tensor]) -> CropEncodeFn:
+    def fn(crops: Tensor) -> Tensor:
+        out = encode(crops)
+        seen.append(out)
+        return out
+
+    return fn
+
+
+def _gather_rows(rows: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"accelerator has {world} processes but torch.distributed is not "
+                           "initialised; create the Accelerator before calling embed_volumes")
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+def embed_volumes(
+    model: Any,
+    dataset: Any,
+    indices: Sequence[int] | None = None,
+    *,
+    crop_size: Sequence[int] | None = None,
+    mode: str = "sliding",
+    overlap: float = 0.25,
+    num_crops: int = 4,
+    seed: int = 0,
+    batch_size: int = 4,
+    features: str | Callable[[Tensor], Tensor] = "embedding",
+    device: str | torch.device | None = None,
+    accelerator: Any = None,
+    keep_crops: bool = False,
+    progress: bool = False,
+    desc: str = "embed",
+) -> dict[str, Any]:
+    """Embed whole volumes of a dataset as the mean of their crops' features: the one path.
+
+    Used by evaluation (retrieval / zero-shot), classification (linear-probe features and the
+    scoring of a fine-tuned classifier) and the training-time retrieval check.
+
+    Args:
+        model: a T3D model (``encode_volume_crops``; ``vision`` for ``"pooled_tokens"``), or
+            any module when ``features`` is a callable. Put in eval mode for the duration and
+            restored afterwards; no gradients are computed.
+        dataset: indexable; ``dataset[i]`` is a dict with ``"image"`` ``(1, X, Y, Z)`` (modes
+            ``"sliding"``/``"random"``, e.g. ``t3d_data.VolumeDataset``) or ``"crops"``
+            ``(K, 1, D, H, W)`` (mode ``"crops"``, e.g. ``t3d_data.CropDataset``), and
+            optionally ``"labels"``, ``"group"``, ``"report"``, ``"study_id"``.
+        indices: dataset positions to embed (default: all), in output order.
+        crop_size: ``(D, H, W)``; required for ``"sliding"`` and ``"random"``.
+        mode: ``"sliding"`` (:func:`volume_embedding_sliding`, ``overlap``), ``"random"``
+            (:func:`volume_embedding_from_crops`: ``num_crops`` crops drawn from
+            ``np.random.default_rng([seed, i])`` for dataset position ``i``, so the crops do
+            not depend on the number of processes) or ``"crops"`` (the item's own crops).
+        overlap: sliding-window overlap, in ``[0, 1)``.
+        num_crops: random crops per volume.
+        seed: seed of the random crop positions.
+        batch_size: crops per encoder call.
+        features: ``"embedding"`` or ``"pooled_tokens"`` (alias ``"backbone"``), see
+            :class:`CropFeatures`, or a callable ``crops -> (N, C)`` (e.g. a fine-tuned
+            ``CropClassifier``, giving the mean logit per volume).
+        device: where crops are encoded (default: ``accelerator.device``, else the model's).
+        accelerator: an ``accelerate.Accelerator``: the indices are sharded over its processes
+            (process ``r`` takes ``indices[r::W]``) and the rows gathered back, so every process
+            returns the full result in ``indices`` order.
+        keep_crops: also return every crop's features (for an embedding-spread check).
+        progress: a tqdm bar (main process only).
+        desc: the bar's label.
+
+    Returns:
+        ``{"volume_emb": (M, C) float32 CPU, "index": (M,) long}`` plus, where the dataset items
+        have them, ``"labels"`` ``(M, F)``, ``"group"`` ``(M,)`` long, ``"reports"`` and
+        ``"study_ids"`` (lists); with ``keep_crops``, ``"crop_emb"`` ``(sum K, C)`` and
+        ``"crop_row"`` ``(sum K,)`` (the row of each crop's volume).
+
+    Raises:
+        ValueError: an unknown mode or feature kind, no ``crop_size`` for a cropping mode, no
+            indices, or an item without the key the mode needs.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
+    if mode != "crops" and crop_size is None:
+        raise ValueError(f"mode {mode!r} needs crop_size (D, H, W)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    if not order:
+        raise ValueError("no volumes to embed (indices is empty)")
+    encoder: Any = CropFeatures(model, features) if isinstance(features, str) else features
+    rank, world = ((int(accelerator.process_index), int(accelerator.num_processes))
+                   if accelerator is not None else (0, 1))
+    if device is None:
+        device = accelerator.device if accelerator is not None else _model_device(model)
+    device = torch.device(device)
+
+    def encode(crops: Tensor) -> Tensor:
+        return encoder(crops.to(device)).detach().float().cpu()
+
+    modules = [m for m in (model, encoder) if isinstance(m, nn.Module)]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    rows: list[dict[str, Any]] = []
+    try:
+        with torch.no_grad():
+            mine = list(enumerate(order))[rank::world]
+            for pos, i in tqdm(mine, desc=desc, unit="volume", disable=not progress or rank != 0):
+                sample = dataset[i]
+                crop_embs = None
+                if mode == "crops":
+                    if "crops" not in sample:
+                        raise ValueError("mode 'crops' needs items with 'crops' (K, 1, D, H, W), "
+                                         "e.g. a t3d_data.CropDataset")
+                    crops = torch.as_tensor(sample["crops"]).float()
+                    crop_embs = torch.cat([encode(c) for c in crops.split(batch_size)])
+                    emb = crop_embs.mean(0)
+                else:
+                    if "image" not in sample:
+                        raise ValueError(f"mode {mode!r} needs items with 'image' (1, X, Y, Z), "
+                                         "e.g. a t3d_data.VolumeDataset")
+                    image = torch.as_tensor(sample["image"]).float()
+                    seen: list[Tensor] = []
+                    fn = _recording(encode, seen) if keep_crops else encode
+                    if mode == "sliding":
+                        emb = volume_embedding_sliding(fn, image, crop_size, overlap, batch_size)
+                    else:
+                        rng = np.random.default_rng([seed, i])
+                        emb = volume_embedding_from_crops(fn, image, crop_size, num_crops, rng,
+                                                          batch_size)
+                    if keep_crops:
+                        crop_embs = torch.cat(seen)
+                row: dict[str, Any] = {"pos": pos, "index": i, "volume_emb": emb}
+                if crop_embs is not None:
+                    row["crop_emb"] = crop_embs
+                for key in (*_TENSOR_KEYS, *_LIST_KEYS):
+                    if key in sample:
+                        row[key] = sample[key]
+                rows.append(row)
+    finally:
+        for m, t in zip(modules, was_training, strict=True):
+            m.train(t)
+    rows = sorted(_gather_rows(rows, world), key=lambda r: r["pos"])
+    out: dict[str, Any] = {
+        "volume_emb": torch.stack([r["volume_emb"] for r in rows]),
+        "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
+    }
+    if all("labels" in r for r in rows):
+        out["labels"] = torch.stack([torch.as_tensor(r["labels"]).float() for r in rows])
+    if all("group" in r for r in rows):
+        out["group"] = torch.tensor([int(r["group"]) for r in rows], dtype=torch.long)
+    for key, name in _LIST_KEYS.items():
+        if all(key in r for r in rows):
+            out[name] = [r[key] for r in rows]
+    if keep_crops:
+        out["crop_emb"] = torch.cat([r["crop_emb"] for r in rows])
+        out["crop_row"] = torch.cat([torch.full((r["crop_emb"].shape[0],), k, dtype=torch.long)
+                                     for k, r in enumerate(rows)])
     return out
