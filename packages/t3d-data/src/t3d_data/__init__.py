@@ -32,6 +32,9 @@ _EXPORTS = {
     # datasets (torch)
     "CropDataset": "dataset", "VolumeDataset": "dataset", "collate_crops": "dataset",
     "DataConfig": "dataset", "build_crop_loader": "dataset",
+    # pre-training data (torch)
+    "EpochShuffleSampler": "pretrain", "PretrainDataset": "pretrain",
+    "collate_pretrain": "pretrain", "Corruption": "pretrain",
     "safe_filename": "names", "safe_join": "names",  # file names from user data
 }
 
@@ -68,6 +71,10 @@ __all__ = [
     "collate_crops",
     "DataConfig",
     "build_crop_loader",
+    "EpochShuffleSampler",
+    "PretrainDataset",
+    "collate_pretrain",
+    "Corruption",
 ]
 
 
@@ -103,6 +110,12 @@ if TYPE_CHECKING:  # pragma: no cover
         VolumeReadError,
     )
     from t3d_data.manifest import StudyRecord, load_manifest, patient_split
+    from t3d_data.pretrain import (
+        Corruption,
+        EpochShuffleSampler,
+        PretrainDataset,
+        collate_pretrain,
+    )
     from t3d_data.readers import Volume, read_mask, read_volume, to_canonical
     from t3d_data.store import PrepareSummary, StoreRecord, VolumeStore, prepare, source_hash
     from t3d_data.text import ReportText, load_report, normalise_report, report_group_ids
