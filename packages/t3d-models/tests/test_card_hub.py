@@ -129,3 +129,28 @@ def test_push_to_hub_uploads_the_folder(tiny_ckpt, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no config.json or model.safetensors"):
         push_to_hub(tmp_path, "my-lab/t3d-tiny")
     assert len(calls) == 3  # nothing uploaded for bad input
+
+
+def test_model_push_to_hub_saves_then_uploads(tiny_model, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, folder_path, **kw):
+            seen["files"] = sorted(os.listdir(folder_path))
+            seen["card"] = open(os.path.join(folder_path, "README.md"), encoding="utf-8").read()
+            return kw["repo_id"]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        tiny_model.push_to_hub("bad--id")  # refused before the save
+    assert tiny_model.push_to_hub("my-lab/t3d-tiny", card={"steps": 11}) == "my-lab/t3d-tiny"
+    assert seen["files"] == ["README.md", "config.json", "model.safetensors", "text_encoder"]
+    assert "- steps: 11" in seen["card"]

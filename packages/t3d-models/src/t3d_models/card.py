@@ -29,13 +29,20 @@ TAGS = ["medical-imaging", "ct", "3d", "vision-language", "self-supervised", "sw
         "monai", "t3d"]
 _MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
+NOT_CLINICAL = (
+    "**Not for clinical use.** This is not a medical device; its outputs must not inform "
+    "diagnosis, treatment or triage of any patient. It has not been validated clinically."
+)
 INTENDED_USE = (
     "Research: pre-training and studying 3-D CT encoders with paired radiology reports "
     "(T3D, Liu et al., [arXiv 2312.01529]({paper})): initialising a MONAI SwinUNETR for "
     "segmentation or classification fine-tuning, and retrieval / zero-shot experiments with "
-    "the text tower.\n\n"
-    "**Not for clinical use.** This is not a medical device; its outputs must not inform "
-    "diagnosis, treatment or triage of any patient. It has not been validated clinically."
+    "the text tower.\n\n" + NOT_CLINICAL
+)
+EXPORT_USE = (
+    "Research: initialising segmentation (or, with the encoder alone, classification) "
+    "fine-tuning on CT, and comparing against the same network trained from scratch "
+    "(`SwinUNETR(**config['swinunetr'])` with MONAI's initialisation).\n\n" + NOT_CLINICAL
 )
 
 LIMITS = [
@@ -243,7 +250,7 @@ learning and text-informed image restoration; how far this one was trained is un
 from t3d_models import T3DModel, build_monai_swinunetr
 
 model = T3DModel.from_pretrained("<this folder or its hub id>")   # the full T3D model
-net = build_monai_swinunetr("<this folder>", out_channels=14)     # a plain MONAI SwinUNETR
+net = build_monai_swinunetr("<this folder or its hub id>", out_channels=14)  # plain MONAI SwinUNETR
 ```
 
 Files: `config.json` (the full config, preprocessing record included), `model.safetensors`
@@ -314,7 +321,7 @@ and the restoration decoder when the model had one) comes from the T3D model `{c
 {_preprocessing_section(record)}
 ## Intended use
 
-{INTENDED_USE.format(paper=PAPER)}
+{EXPORT_USE}
 
 ## Limits
 
