@@ -35,6 +35,10 @@ _EXPORTS = {
     # pre-training data (torch)
     "EpochShuffleSampler": "pretrain", "PretrainDataset": "pretrain",
     "collate_pretrain": "pretrain", "Corruption": "pretrain",
+    # dataset-provided evaluation tasks (the phantom is one provider)
+    "DatasetTasks": "tasks", "ReportTwins": "tasks", "TasksError": "tasks",
+    "available_tasks": "tasks", "get_tasks": "tasks", "register_tasks": "tasks",
+    "require_tasks": "tasks", "tasks_for_store": "tasks", "twin_reports": "tasks",
     "safe_filename": "names", "safe_join": "names",  # file names from user data
 }
 
@@ -75,6 +79,15 @@ __all__ = [
     "PretrainDataset",
     "collate_pretrain",
     "Corruption",
+    "DatasetTasks",
+    "ReportTwins",
+    "TasksError",
+    "available_tasks",
+    "get_tasks",
+    "register_tasks",
+    "require_tasks",
+    "tasks_for_store",
+    "twin_reports",
 ]
 
 
@@ -118,4 +131,15 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from t3d_data.readers import Volume, read_mask, read_volume, to_canonical
     from t3d_data.store import PrepareSummary, StoreRecord, VolumeStore, prepare, source_hash
+    from t3d_data.tasks import (
+        DatasetTasks,
+        ReportTwins,
+        TasksError,
+        available_tasks,
+        get_tasks,
+        register_tasks,
+        require_tasks,
+        tasks_for_store,
+        twin_reports,
+    )
     from t3d_data.text import ReportText, load_report, normalise_report, report_group_ids
