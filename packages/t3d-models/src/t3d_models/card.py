@@ -302,16 +302,16 @@ def swinunetr_card(config: T3DModelConfig, monai_kwargs: dict[str, Any],
     })
     new_modules = sorted({k.split(".", 1)[0] for k in newly_initialised})
     new = (f"Newly initialised (MONAI's default init, to be trained): modules "
-           f"{', '.join(f'`{m}`' for m in new_modules)} ({len(newly_initialised)} tensors)."
+           f"{', '.join(f'`{m}`' for m in new_modules)} ({len(newly_initialised)} tensor{'s' if len(newly_initialised) != 1 else ''})."
            if newly_initialised else "Every tensor comes from the T3D model.")
     limits = "\n".join(f"- {x}" for x in LIMITS)
     kwargs = json.dumps(monai_kwargs)
     body = f"""
 # {config.name}: SwinUNETR exported from T3D
 
-A plain `monai.networks.nets.SwinUNETR` whose encoder (`swinViT`, `encoder1..4`, `encoder10`,
-and the restoration decoder when the model had one) comes from the T3D model `{config.name}`
-([Liu et al., arXiv 2312.01529]({PAPER})), source `{source}`. Written by `t3d-models`
+A plain `monai.networks.nets.SwinUNETR` whose weights (the encoder `swinViT`, `encoder1..4`,
+`encoder10`, and the restoration decoder when exported) come from the T3D model `{config.name}`
+([Liu et al., arXiv 2312.01529]({PAPER})), source `{source}`, except those named below. Written by `t3d-models`
 {__version__}. {new}
 
 ## Architecture
