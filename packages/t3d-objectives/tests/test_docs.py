@@ -11,6 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1]
 MODULES = ["distributed", "contrastive", "alignment", "restoration", "corruptions", "objective",
+           "terms",
            "monitor"]
 
 
@@ -22,10 +23,10 @@ def test_doctests(name):
     assert result.failed == 0
 
 
-def _snippet(path: Path) -> str:
+def _snippet(path: Path, index: int = 0) -> str:
     blocks = re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
-    assert blocks, f"no python block in {path}"
-    return blocks[0]
+    assert len(blocks) > index, f"no python block #{index} in {path}"
+    return blocks[index]
 
 
 def test_readme_snippet_runs_and_matches_docs(capsys):
@@ -37,3 +38,22 @@ def test_readme_snippet_runs_and_matches_docs(capsys):
     docs = PACKAGE.parents[1] / "docs" / "objectives.md"
     if docs.exists():  # inside the monorepo
         assert _snippet(docs) == code
+
+
+def test_adding_a_term_snippet_runs_and_matches_docs(capsys):
+    from t3d_objectives import TERMS, unregister_term
+
+    code = _snippet(PACKAGE / "README.md", 1)
+    assert "register_term(Term(" in code and "objective.py" not in code
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "adding_a_term_snippet"})
+        assert list(TERMS)[-1] == "norm"
+    finally:
+        if "norm" in TERMS:
+            unregister_term("norm")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == ["['tcl_loss', 'align_loss', 'norm_loss']",
+                       "['align_loss', 'loss', 'norm_loss', 'tcl_loss']"]
+    docs = PACKAGE.parents[1] / "docs" / "objectives.md"
+    if docs.exists():  # inside the monorepo
+        assert _snippet(docs, 1) == code

@@ -4,6 +4,7 @@ sigmoid variant, with positives by report group (Radford et al. 2021; Zhai et al
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -19,6 +20,7 @@ from ._common import (
     multi_positive_info_nce,
     normalize,
 )
+from .terms import Term, register_term
 
 __all__ = ["AlignmentLoss", "SigmoidAlignmentLoss"]
 
@@ -156,3 +158,43 @@ class SigmoidAlignmentLoss(nn.Module):
         logits = self.scale() * (e @ u_all.T) + self.bias
         sign = (groups[:, None] == g_all[None, :]).to(logits.dtype) * 2 - 1
         return -F.logsigmoid(sign * logits).sum() / e.shape[0]
+
+
+ALIGN_KINDS = ("infonce", "sigmoid")
+
+
+def _check_align(config: object) -> None:
+    kind = config.align_kind
+    if kind not in ALIGN_KINDS:
+        hint = difflib.get_close_matches(str(kind), ALIGN_KINDS, n=1)
+        raise ValueError(
+            f"align_kind must be one of {ALIGN_KINDS}; got {kind!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+
+
+def _build_align(c: object) -> nn.Module:
+    if c.align_kind == "infonce":
+        return AlignmentLoss(c.align_temperature, c.learnable_temperature, c.gather_distributed)
+    return SigmoidAlignmentLoss(c.sigmoid_scale, c.sigmoid_bias, c.learnable_temperature,
+                                c.gather_distributed)
+
+
+def _align_chance(config: object, studies: int, crops: int) -> tuple[str, float] | None:
+    """InfoNCE with a constant embedding: ``log B`` over the B studies scored together (the
+    sigmoid loss has no batch-only chance value: it depends on its learnt bias)."""
+    if config.align_kind != "infonce" or studies < 1:
+        return None
+    return (f"log({studies})", math.log(studies))
+
+
+#: The global alignment term of :class:`~t3d_objectives.T3DObjective` (weight ``w_align``).
+ALIGN_TERM = register_term(Term(
+    name="align",
+    weight_field="w_align",
+    build=_build_align,
+    inputs=("volume_emb", "text_emb", "group"),
+    chance=_align_chance,
+    check=_check_align,
+    order=30,
+))

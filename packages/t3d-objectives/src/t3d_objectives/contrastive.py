@@ -18,6 +18,7 @@ from ._common import (
     multi_positive_info_nce,
     normalize,
 )
+from .terms import Term, register_term
 
 __all__ = ["TextInformedContrastiveLoss"]
 
@@ -133,3 +134,21 @@ def _check_every_group_has_two(groups: torch.Tensor) -> None:
             f"{single[:10]}), so that crop has no positive for TCL; draw K >= 2 crops per study "
             "so every group appears at least twice in the (gathered) batch"
         )
+
+
+def _tcl_chance(config: object, studies: int, crops: int) -> tuple[str, float] | None:
+    """A constant visual embedding: ``log(N-1)`` over the N crops scored together."""
+    return (f"log({crops - 1})", math.log(crops - 1)) if crops > 1 else None
+
+
+#: The TCL term of :class:`~t3d_objectives.T3DObjective` (weight ``w_tcl``).
+TCL_TERM = register_term(Term(
+    name="tcl",
+    weight_field="w_tcl",
+    build=lambda c: TextInformedContrastiveLoss(
+        c.temperature, c.learnable_temperature, c.gather_distributed, symmetric=c.tcl_symmetric
+    ),
+    inputs=("text_informed_emb", "visual_emb", "crop_group"),
+    chance=_tcl_chance,
+    order=10,
+))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .terms import Term, register_term
+
 __all__ = ["RestorationLoss"]
 
 _KINDS = ("l1", "l2")
@@ -82,3 +84,15 @@ class RestorationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, only_corrupted={self.only_corrupted}"
+
+
+#: The TIR term of :class:`~t3d_objectives.T3DObjective` (weight ``w_tir``; no chance value).
+TIR_TERM = register_term(Term(
+    name="tir",
+    weight_field="w_tir",
+    build=lambda c: RestorationLoss(c.restoration_kind, c.restore_only_corrupted),
+    inputs=("restored", "target"),
+    optional_inputs=("corruption_mask",),
+    missing_hint="pass corrupted= to the model (so it restores)",
+    order=20,
+))
