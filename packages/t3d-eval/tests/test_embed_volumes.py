@@ -167,6 +167,18 @@ def test_sharded_over_two_processes_equals_one(model, monkeypatch):
     assert torch.allclose(both["volume_emb"], whole["volume_emb"])
 
 
+def test_train_and_eval_modes_are_restored(model):
+    data = Volumes([(8, 8, 8)])
+    model.eval()
+    for features in ("embedding", "pooled_tokens", CropFeatures(model)):
+        embed_volumes(model, data, crop_size=(8, 8, 8), features=features)
+        assert not any(m.training for m in model.modules())  # a wrapper does not flip it
+    model.train()
+    model.vision.drop.eval()  # a mixed state comes back as it was
+    embed_volumes(model, data, crop_size=(8, 8, 8), features=CropFeatures(model, "backbone"))
+    assert model.training and model.vision.training and not model.vision.drop.training
+
+
 def test_clear_errors(model):
     data = Volumes([(8, 8, 8)])
     with pytest.raises(ValueError, match="mode must be one of"):

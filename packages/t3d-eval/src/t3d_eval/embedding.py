@@ -319,7 +319,9 @@ class CropFeatures(nn.Module):
     ``kind="embedding"``: ``model.encode_volume_crops`` (``proj_v`` of the pooled tokens, the
     aligned space; ``dim = model.config.embed_dim``). ``kind="pooled_tokens"`` (alias
     ``"backbone"``): the mean of the vision tower's bottleneck tokens, before any projection
-    (``dim = model.vision.token_channels``). The module holds ``model``, so fine-tuning it (e.g.
+    (``dim = model.vision.token_channels``). Only the ``encode_volume_crops`` of a model is
+    needed for ``"embedding"`` (``dim`` is then ``None`` without ``config.embed_dim``). The
+    module holds ``model``, so fine-tuning it (e.g.
     in :func:`t3d_eval.finetune_classifier`) trains the encoder.
 
     Raises:
@@ -332,8 +334,13 @@ class CropFeatures(nn.Module):
             raise ValueError(f"features must be one of {FEATURE_KINDS}; got {kind!r}")
         self.model = model
         self.kind = "pooled_tokens" if kind == "backbone" else kind
-        self.dim = int(model.config.embed_dim if self.kind == "embedding"
-                       else model.vision.token_channels)
+        if self.kind == "embedding":
+            dim = getattr(getattr(model, "config", None), "embed_dim", None)
+        else:
+            dim = model.vision.token_channels
+        #: Feature width, e.g. for a linear head; ``None`` when the model does not say (a duck
+        #: model with ``encode_volume_crops`` but no ``config.embed_dim``).
+        self.dim: int | None = int(dim) if dim is not None else None
 
     def forward(self, crops: Tensor) -> Tensor:
         if self.kind == "embedding":
@@ -453,10 +460,12 @@ def embed_volumes(
     def encode(crops: Tensor) -> Tensor:
         return encoder(crops.to(device)).detach().float().cpu()
 
-    modules = [m for m in (model, encoder) if isinstance(m, nn.Module)]
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+    # The mode of every submodule, restored flag by flag afterwards (the model may sit inside
+    # the encoder, e.g. CropFeatures or a CropClassifier: a recursive .train() would clobber it).
+    modes = {id(m): (m, m.training) for root in (model, encoder) if isinstance(root, nn.Module)
+             for m in root.modules()}
+    for m, _ in modes.values():
+        m.training = False
     rows: list[dict[str, Any]] = []
     try:
         with torch.no_grad():
@@ -494,8 +503,8 @@ def embed_volumes(
                         row[key] = sample[key]
                 rows.append(row)
     finally:
-        for m, t in zip(modules, was_training, strict=True):
-            m.train(t)
+        for m, flag in modes.values():
+            m.training = flag
     rows = sorted(_gather_rows(rows, world), key=lambda r: r["pos"])
     out: dict[str, Any] = {
         "volume_emb": torch.stack([r["volume_emb"] for r in rows]),
