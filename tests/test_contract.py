@@ -7,20 +7,16 @@ included) and test_eval_tools.py (a model trained on a non-default window is eva
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from t3d_models import PreprocessingConfig, T3DModelConfig  # noqa: E402
-from t3d_tools.config import ConfigError  # noqa: E402
-from t3d_tools.preprocessing import resolve_preprocessing  # noqa: E402
-from t3d_tools.pretrain_config import PretrainConfig  # noqa: E402
-from t3d_tools.schedule import warmup_cosine_factor, warmup_cosine_schedule  # noqa: E402
+from t3d_models import PreprocessingConfig, T3DModelConfig
+from t3d_train.config import ConfigError
+from t3d_train.preprocessing import resolve_preprocessing
+from t3d_train.pretrain_config import PretrainConfig
+from t3d_train.schedule import warmup_cosine_factor, warmup_cosine_schedule
 
 
 def _reference_lr(step: int, warmup: int, total: int) -> float:

@@ -9,13 +9,14 @@ to end and writes what it promises, not that anything is learned.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,15 +122,14 @@ def test_reuse_skips_finished_runs_and_scores(smoke):
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("run_benchmark_under_test",
-                                                  TOOLS / "run_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """tools/run_benchmark.py's functions (the script, not run as ``__main__``)."""
+    return SimpleNamespace(**runpy.run_path(str(TOOLS / "run_benchmark.py"),
+                                            run_name="run_benchmark_under_test"))
 
 
 def test_interval_verdicts_and_recall_chance():
-    rb = _benchmark_module()
+    from t3d_train import benchmark as rb
+
     a = {"estimate": 0.8, "low": 0.7, "high": 0.9}
     b = {"estimate": 0.6, "low": 0.5, "high": 0.65}
     c = {"estimate": 0.75, "low": 0.6, "high": 0.85}
@@ -214,9 +214,8 @@ def test_config_errors_are_one_line_exit_2(tmp_path, script, args, needle):
 
 
 def test_config_files_validate():
-    sys.path.insert(0, str(TOOLS))
-    from t3d_tools.config import load_config
-    from t3d_tools.eval_config import ClassifyConfig, EvaluateConfig, SegmentationConfig
+    from t3d_train.config import load_config
+    from t3d_train.eval_config import ClassifyConfig, EvaluateConfig, SegmentationConfig
 
     for name, model in (("evaluate", EvaluateConfig), ("finetune_cls", ClassifyConfig),
                         ("finetune_seg", SegmentationConfig)):
@@ -225,16 +224,8 @@ def test_config_files_validate():
 
 
 # ---------------------------------------------------------------- summaries, plots, packaging
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"eval_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_printed_median_rank_is_the_summary_json_number():
-    sys.path.insert(0, str(TOOLS))
-    from t3d_tools.trainer import retrieval_line
+    from t3d_train.trainer import retrieval_line
 
     retrieval = {"studies": 20, "v2r_recall@1": 0.1, "chance_recall@1": 0.05, "v2r_recall@5": 0.3,
                  "chance_recall@5": 0.25, "v2r_median_rank": 4.5, "chance_median_rank": 10.5}
@@ -243,8 +234,7 @@ def test_printed_median_rank_is_the_summary_json_number():
 
 
 def test_loss_plot_draws_the_chance_lines(tmp_path):
-    sys.path.insert(0, str(TOOLS))
-    from t3d_tools.trainer import plot_losses
+    from t3d_train.trainer import plot_losses
 
     records = [{"step": i, "loss": 3.0 - 0.1 * i, "tcl_loss": 2.0 - 0.05 * i,
                 "align_loss": 1.5 - 0.01 * i} for i in range(1, 6)]
@@ -257,8 +247,8 @@ def test_loss_plot_draws_the_chance_lines(tmp_path):
 
 
 def test_seg_summary_shows_both_arms_or_the_baseline_command(tmp_path):
-    seg = _tool("finetune_seg")
-    from t3d_tools.eval_config import SegmentationConfig
+    from t3d_train import segmentation as seg
+    from t3d_train.eval_config import SegmentationConfig
 
     def results(init, mean):
         return {"dice": {"lungs": mean, "heart": float("nan"), "mean": mean}, "steps": 5,
@@ -287,8 +277,8 @@ def test_seg_summary_shows_both_arms_or_the_baseline_command(tmp_path):
 
 
 def test_cls_summary_puts_auc_next_to_chance():
-    cls = _tool("finetune_cls")
-    from t3d_tools.eval_config import ClassifyConfig
+    from t3d_train import classification as cls
+    from t3d_train.eval_config import ClassifyConfig
 
     res = {"linear_probe_auc": {"nodule": 0.7, "cyst": float("nan"), "macro": 0.7,
                                 "skipped": ["cyst"]}, "train_studies": 8, "test_studies": 4}

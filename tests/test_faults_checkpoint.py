@@ -3,7 +3,7 @@
 Each test states a fault and asserts the exact outcome: a checkpoint write killed half-way
 (simulated by the partial ``.tmp-*`` folder it leaves), the newest checkpoint's
 ``trainer_state.json`` truncated, nothing to resume from, steps logged after the checkpoint by
-a killed run. Most use fake checkpoint folders (``tools/t3d_tools/checkpoint.py`` directly);
+a killed run. Most use fake checkpoint folders (``t3d_train.checkpoint`` directly);
 one tiny real run, resumed once (1 step each, ~45 s of CPU time per process), checks the whole
 path through ``tools/pretrain.py``. SIGKILL after a checkpoint then ``--resume latest`` giving
 bit-identical weights is tests/test_pretrain.py::test_resume_after_sigkill_is_bit_exact.
@@ -11,7 +11,6 @@ bit-identical weights is tests/test_pretrain.py::test_resume_after_sigkill_is_bi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -21,13 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from t3d_train import checkpoint as ckpt
+from t3d_train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "tools" / "pretrain.py"
-sys.path.insert(0, str(ROOT / "tools"))
-
-from t3d_tools import checkpoint as ckpt  # noqa: E402
-from t3d_tools.config import ConfigError  # noqa: E402
 
 SMALL = [
     "--set", "data.batch_size=2", "--set", "data.num_workers=0", "--set", "data.crop.num_crops=2",
@@ -242,8 +239,6 @@ def test_real_resume_skips_a_corrupt_newest_checkpoint_and_logs_each_step_once(s
         "loss"] != 999.0
     assert ckpt.read_state(bad)["step"] == 2  # rewritten, complete
     # the benchmark still finds the trained temperatures in the new layout
-    spec = importlib.util.spec_from_file_location("faults_run_benchmark",
-                                                  ROOT / "tools" / "run_benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert set(bench.trained_temperatures(run_dir)) == {"tcl", "align"}
+    from t3d_train.benchmark import trained_temperatures
+
+    assert set(trained_temperatures(run_dir)) == {"tcl", "align"}

@@ -9,7 +9,6 @@ the tool directly. Wrong ``--store`` / ``--checkpoint`` paths must fail before t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -37,22 +36,14 @@ HOSTILE_IDS = [
 ]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"faults_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
 def test_hostile_study_ids_write_overlays_only_inside_out(tmp_path, monkeypatch):
     import torch
-
-    seg = _tool("finetune_seg")
-    from t3d_tools.eval_config import SegmentationConfig
+    from t3d_train import segmentation as seg
+    from t3d_train.eval_config import SegmentationConfig
 
     store = tmp_path / "work" / "store"
     store.mkdir(parents=True)
@@ -60,7 +51,7 @@ def test_hostile_study_ids_write_overlays_only_inside_out(tmp_path, monkeypatch)
     out = tmp_path / "work" / "a" / "b" / "out"
     gen = torch.Generator().manual_seed(0)
 
-    def studies(store_, split, lut, limit=None, progress=False):
+    def studies(store_, split, lut, limit=None, progress=False, hu_window=None):
         label = torch.zeros(1, 8, 8, 8, dtype=torch.long)
         label[:, 2:5, 2:5, 2:6] = 1
         label[:, 5:7, 4:7, 1:4] = 2

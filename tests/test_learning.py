@@ -11,14 +11,16 @@ log(B), and the cross-study cosine of the crop embeddings goes to 1
 from __future__ import annotations
 
 import json
-import sys
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import learning_check  # noqa: E402
+#: tools/learning_check.py's functions (the script, not run as ``__main__``)
+learning_check = SimpleNamespace(**runpy.run_path(
+    str(Path(__file__).resolve().parents[1] / "tools" / "learning_check.py"),
+    run_name="learning_check"))
 
 
 @pytest.mark.slow

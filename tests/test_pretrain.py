@@ -52,12 +52,9 @@ def store(tmp_path_factory) -> Path:
 
 
 def pretrain_demo_defaults() -> dict:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import pretrain
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return pretrain.DEMO_DEFAULTS
+    from t3d_train.demo import DEMO_DEFAULTS
+
+    return DEMO_DEFAULTS
 
 
 def _log(run_dir: Path) -> list[dict]:

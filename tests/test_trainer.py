@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from t3d_tools.pretrain_config import PretrainConfig  # noqa: E402
-from t3d_tools.trainer import chance_losses, collapse_warning  # noqa: E402
+from t3d_train.pretrain_config import PretrainConfig
+from t3d_train.trainer import chance_losses, collapse_warning
 
 
 def _record(cross: float, ratio: float, informed_cross: float = 0.0) -> dict:

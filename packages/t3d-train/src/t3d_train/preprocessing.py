@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from t3d_tools.config import ConfigError
+from t3d_train.config import ConfigError
 
 log = logging.getLogger("t3d.preprocessing")
 
@@ -44,3 +44,13 @@ def resolve_preprocessing(section: Any, model_cfg: Any) -> Any:
     log.warning("model.force_preprocessing: evaluating with hu_window %s instead of the recorded %s",
                 list(requested), list(record.hu_window))
     return record.model_copy(update={"hu_window": tuple(map(float, requested))})
+
+
+def resolve_crop_size(requested: Any, model_cfg: Any) -> tuple[int, int, int]:
+    """The crop (or ROI) size to cut volumes into: ``requested``, else the model's own.
+
+    The one place evaluation, fine-tuning and the benchmark decide the crop size; the model's is
+    ``model_cfg.vision.crop_size`` (pre-training checks ``data.crop.crop_size`` against it in
+    :mod:`t3d_train.pretrain_config`).
+    """
+    return tuple(requested or model_cfg.vision.crop_size)

@@ -1,9 +1,11 @@
-"""Pieces of the pre-training loop that are not the story itself: the model+objective module
-that DDP wraps, a timed iterator, and the end-of-run summary (losses, throughput, retrieval).
+"""Pieces of the pre-training run around the step: the model+objective module that DDP wraps, a
+timed iterator, the collapse monitor, and the end-of-run summary (losses, throughput, retrieval,
+the loss plot). The step itself is :class:`t3d_train.loop.TrainStep`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -12,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from t3d_train.files import write_bytes_atomic
 
 _INPUTS = ("crops", "study_index", "group", "corrupted", "corruption_mask")
 
@@ -152,7 +156,7 @@ def chance_losses(cfg: Any, num_processes: int) -> dict[str, tuple[str, float]]:
     """The losses of a constant embedding: TCL ``log(N-1)`` over the N crops that are scored
     together, InfoNCE alignment ``log B`` over the B studies (per process, or all processes
     with ``objective.gather_distributed``)."""
-    from t3d_tools.pretrain_config import resolve_objective
+    from t3d_train.pretrain_config import resolve_objective
 
     objective = resolve_objective(cfg.objective)
     procs = num_processes if objective.gather_distributed else 1
@@ -190,9 +194,9 @@ def plot_losses(records: list[dict[str, Any]], path: Path,
     ax.legend(fontsize="small")
     ax.set_title("T3D pre-training (dashed: chance, a constant embedding)")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    write_bytes_atomic(Path(path), buf.getvalue())
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
 

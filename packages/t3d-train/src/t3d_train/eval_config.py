@@ -1,7 +1,7 @@
 """Configs of the evaluation scripts (tools/evaluate.py, finetune_cls.py, finetune_seg.py).
 
 Pydantic models with ``extra="forbid"``, composed from YAML (tools/configs/eval/*.yaml) with
-``--set a.b=value`` overrides by :func:`t3d_tools.config.load_config`, like the pre-training config.
+``--set a.b=value`` overrides by :func:`t3d_train.config.load_config`, like the pre-training config.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ModelSection(BaseModel):
 
     Volumes are windowed with the checkpoint's recorded preprocessing (``config.json`` →
     ``preprocessing``). ``hu_window`` may repeat it; a different window is an error unless
-    ``force_preprocessing`` is true (see t3d_tools/preprocessing.py).
+    ``force_preprocessing`` is true (see t3d_train/preprocessing.py).
     """
 
     model_config = _STRICT

@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from t3d_train.config import ConfigError
+from t3d_train.files import fsync_dir, fsync_tree, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("t3d.checkpoint")
 
@@ -32,47 +33,6 @@ MODEL_DIR = "model"
 OBJECTIVE = "objective.safetensors"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (new names, renames) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file under ``root``, then every folder, deepest first."""
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(folder))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file, fsync it, ``os.replace`` it into place, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """``json.dumps`` written with :func:`write_text_atomic`."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def read_state(folder: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from t3d_tools.config import ConfigError, load_config
+from t3d_train.config import ConfigError, load_config
 
 M = TypeVar("M", bound=BaseModel)
 
