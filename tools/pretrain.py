@@ -7,7 +7,9 @@
 
 The story (accelerate's examples): build the data, model and objective; ``prepare``; loop inside
 ``accelerator.accumulate``; ``save_state`` atomically every N steps; ``load_state`` +
-``skip_first_batches`` to resume exactly. Models and losses live in the t3d packages.
+``skip_first_batches`` to resume exactly. One step (forward, NaN guard, backward, clip,
+optimizer and schedule step, the log record) is ``t3d_train.loop.TrainStep``; models and losses
+live in the t3d packages.
 """
 
 from __future__ import annotations
