@@ -11,9 +11,9 @@ MONAI's initialisation. Both get the same budget (``steps`` of ``t3d_eval.finetu
 on ``label_fraction`` of the labelled training studies). Test volumes are predicted with
 ``sliding_window_inference`` on their own voxel grid and scored with MONAI ``DiceMetric`` per
 class; a few predictions are saved as overlay PNGs (``OUT/overlays/NAME_STUDY.png``, the study
-id made a safe file name by ``t3d_data.names.safe_filename``). Phantom label values are merged
-into the classes of ``classes`` (default: lungs, heart, liver, spleen, kidneys; see
-t3d_train.eval_config). Results go to ``OUT/NAME.json`` (default NAME: ``seg-t3d`` or ``seg-scratch``);
+id made a safe file name by ``t3d_data.names.safe_filename``). Label values are merged into the
+classes of ``classes`` (default ``null``: the store's dataset tasks, ``t3d_data.tasks``; the
+phantom's are lungs, heart, liver, spleen, kidneys; ``--tasks NAME`` names the provider). Results go to ``OUT/NAME.json`` (default NAME: ``seg-t3d`` or ``seg-scratch``);
 the closing summary compares with the other arm's results in OUT when it had the same budget.
 """
 
@@ -27,7 +27,7 @@ from t3d_train.eval_config import SegmentationConfig
 from t3d_train.segmentation import baseline_results, other_arm_command, segment, summary
 
 SHORTCUTS = {"checkpoint": "model.checkpoint", "store": "store", "out": "out", "name": "name",
-             "fraction": "label_fraction", "steps": "steps", "scratch": "scratch=true"}
+             "tasks": "tasks", "fraction": "label_fraction", "steps": "steps", "scratch": "scratch=true"}
 
 
 def main(argv: list[str] | None = None) -> int:

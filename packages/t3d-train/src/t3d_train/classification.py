@@ -14,51 +14,20 @@ from t3d_train.eval_config import ClassifyConfig
 from t3d_train.preprocessing import resolve_crop_size, resolve_preprocessing
 
 
-def feature_encoder(model: Any, kind: str):
-    """``nn.Module``: crops ``(N, 1, D, H, W)`` → ``(N, C)`` features of ``model``'s vision tower."""
-    from torch import nn
-
-    class Features(nn.Module):
-        def __init__(self, m: Any) -> None:
-            super().__init__()
-            self.m = m
-            self.dim = m.config.embed_dim if kind == "embedding" else m.vision.token_channels
-
-        def forward(self, crops):
-            if kind == "embedding":
-                return self.m.encode_volume_crops(crops)
-            tokens, _ = self.m.vision.tokens(self.m.vision.encode(crops, skips=False))
-            return tokens.mean(1)
-
-    return Features(model)
-
-
-def volume_features(encoder: Any, dataset: Any, indices: list[int], cfg: ClassifyConfig,
-                    crop_size: tuple[int, int, int], progress: bool = False,
-                    desc: str = "features") -> tuple[Any, Any]:
-    import numpy as np
+def volume_features(model: Any, dataset: Any, indices: list[int], cfg: ClassifyConfig,
+                    crop_size: tuple[int, int, int], features: Any, device: Any,
+                    progress: bool = False, desc: str = "features") -> tuple[Any, Any]:
+    """``(features (M, C), labels (M, F))`` of ``indices``: ``t3d_eval.embed_volumes`` with
+    ``cfg.embedding`` and ``features`` (a kind, e.g. ``cfg.features``, or a fine-tuned
+    classifier: the mean logit per study)."""
     import t3d_eval as ev
-    import torch
-    from tqdm.auto import tqdm
 
-    def enc(crops):
-        with torch.no_grad():
-            return encoder(crops.to(next(encoder.parameters()).device)).float().cpu()
-
-    feats, labels = [], []
-    encoder.eval()
-    for i in tqdm(indices, desc=desc, unit="study", disable=not progress):
-        s = dataset[i]
-        if cfg.embedding.mode == "sliding":
-            feats.append(ev.volume_embedding_sliding(enc, s["image"], crop_size, cfg.embedding.overlap,
-                                                     batch_size=cfg.embedding.batch_size))
-        else:
-            rng = np.random.default_rng([cfg.runtime.seed, i])
-            feats.append(ev.volume_embedding_from_crops(enc, s["image"], crop_size,
-                                                        cfg.embedding.num_crops, rng,
-                                                        batch_size=cfg.embedding.batch_size))
-        labels.append(s["labels"])
-    return torch.stack(feats), torch.stack(labels)
+    e = cfg.embedding
+    out = ev.embed_volumes(model, dataset, indices, crop_size=crop_size, mode=e.mode,
+                           overlap=e.overlap, num_crops=e.num_crops, seed=cfg.runtime.seed,
+                           batch_size=e.batch_size, features=features, device=device,
+                           progress=progress, desc=desc)
+    return out["volume_emb"], out["labels"]
 
 
 def random_crop_batches(dataset: Any, indices: list[int], crop_size: tuple[int, int, int],
@@ -106,7 +75,7 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     if model is None:
         model = load_model(cfg.model, cfg.runtime.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = feature_encoder(model, cfg.features).to(device)
+    model = model.to(device)
     crop_size = resolve_crop_size(cfg.embedding.crop_size, model.config)
     prep = resolve_preprocessing(cfg.model, model.config)  # the window the model was trained on
     train = VolumeDataset(cfg.store, split=cfg.train_split, hu_window=prep.hu_window)
@@ -118,10 +87,10 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
     names = list(train.finding_names)
     results: dict[str, Any] = {"train_studies": len(tr_idx), "test_studies": len(te_idx)}
     if not cfg.full:
-        xtr, ytr = volume_features(encoder, train, tr_idx, cfg, crop_size, progress,
-                                   f"features {cfg.train_split}")
-        xte, yte = volume_features(encoder, test, te_idx, cfg, crop_size, progress,
-                                   f"features {cfg.test_split}")
+        xtr, ytr = volume_features(model, train, tr_idx, cfg, crop_size, cfg.features, device,
+                                   progress, f"features {cfg.train_split}")
+        xte, yte = volume_features(model, test, te_idx, cfg, crop_size, cfg.features, device,
+                                   progress, f"features {cfg.test_split}")
         probs, untrainable = ev.linear_probe_scores(xtr, ytr, xte, names, C=cfg.probe.C,
                                                     max_iter=cfg.probe.max_iter,
                                                     seed=cfg.runtime.seed)
@@ -131,11 +100,12 @@ def classify(cfg: ClassifyConfig, model: Any = None, write: bool = True,
         ft = cfg.finetune
         batches = random_crop_batches(train, tr_idx, crop_size, ft.crops_per_study,
                                       ft.batch_size, cfg.runtime.seed, progress)
+        encoder = ev.CropFeatures(model, cfg.features)
         clf, losses = ev.finetune_classifier(encoder, encoder.dim, len(names), batches,
                                              epochs=ft.epochs, lr=ft.lr, head_lr=ft.head_lr,
                                              seed=cfg.runtime.seed, device=device,
                                              progress=progress)
-        logits, yte = volume_features(clf, test, te_idx, cfg, crop_size, progress,
+        logits, yte = volume_features(clf, test, te_idx, cfg, crop_size, clf, device, progress,
                                       f"score {cfg.test_split}")  # mean logit per study
         probs, untrainable = torch.sigmoid(logits).numpy(), []
         results["finetune_auc"] = ev.multilabel_auc(probs, yte, names)

@@ -7,7 +7,6 @@ before any of them is paid for.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,6 +83,13 @@ def check_inputs(cfg: Any) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; pass a folder for the results")
+    tasks = getattr(cfg, "tasks", None)
+    if tasks is not None:
+        from t3d_data.tasks import available_tasks
+
+        if tasks not in available_tasks():
+            raise ConfigError(f"tasks: no dataset tasks named {tasks!r}; known: "
+                              f"{', '.join(available_tasks())}")
     findings = getattr(cfg, "findings", None)
     if findings is not None and not Path(findings).is_file():
         raise ConfigError(f"findings: {findings} does not exist; pass the phantom findings "
@@ -129,33 +135,18 @@ def model_config(section: Any):
     return T3DModelConfig.from_json(str(path))
 
 
-def find_sidecar(store: Path, explicit: Path | None) -> Path | None:
-    """The phantom findings sidecar: ``explicit``, else next to the manifest the store came from.
+def store_tasks(store: Path, name: str | None = None, task: str | None = None):
+    """The store's ``t3d_data.tasks.DatasetTasks`` (``name``, else detected; ``None`` when it has
+    none), or, with ``task`` (``"zero_shot"``, ``"segmentation"``, ``"twins"``), the provider
+    that has it. A missing or incomplete provider is a one-line :class:`ConfigError`."""
+    from t3d_data.tasks import TasksError, require_tasks, tasks_for_store
 
-    The demo and benchmark layouts are ``ROOT/phantom/manifest.jsonl`` + ``ROOT/store``.
-    """
-    from t3d_data.phantom import FINDINGS_SIDECAR
-
-    if explicit is not None:
-        if not Path(explicit).is_file():
-            raise ConfigError(f"findings: {explicit} does not exist")
-        return Path(explicit)
-    store = Path(store)
-    for cand in (store / FINDINGS_SIDECAR, store.parent / FINDINGS_SIDECAR,
-                 *sorted(store.parent.glob(f"*/{FINDINGS_SIDECAR}"))):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def read_sidecar(path: Path) -> dict[str, dict[str, Any]]:
-    """``{study_id: record}`` of a phantom findings sidecar."""
-    out = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out[rec["study_id"]] = rec
-    return out
+    try:
+        if task is None:
+            return tasks_for_store(store, name)
+        return require_tasks(store, task, name)
+    except TasksError as err:
+        raise ConfigError(str(err)) from None
 
 
 def subset(dataset: Any, max_items: int | None) -> list[int]:

@@ -26,18 +26,6 @@ def _plain_name(value: str) -> str:
 #: A results file stem (``OUT/NAME.json``): one safe path component, see t3d_data.names.
 FileStem = Annotated[str, AfterValidator(_plain_name)]
 
-#: Phantom label values (t3d_data.phantom.LABELS) merged into a handful of classes for the
-#: segmentation benchmark: organs keep the lesions inside them (as BTCV organ contours do);
-#: body wall, spine, ribs, aorta and pleural fluid count as background.
-DEFAULT_SEG_CLASSES: dict[str, list[int]] = {
-    "lungs": [2, 3, 12],      # lung_right, lung_left, lung_nodule
-    "heart": [4],
-    "liver": [6, 14],         # liver, liver_lesion
-    "spleen": [7],
-    "kidneys": [8, 9, 15],    # kidney_right, kidney_left, kidney_cyst
-}
-
-
 class ModelSection(BaseModel):
     """Which encoder to evaluate.
 
@@ -87,7 +75,13 @@ class EvaluateConfig(BaseModel):
     out: Path = Path("runs/eval")
     name: FileStem = "eval"
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
-    findings: Path | None = None  # phantom sidecar; default: found next to the store's manifest
+    #: The store's dataset tasks (``t3d_data.tasks``): zero-shot prompts and report twins.
+    #: ``null``: detected from the store (the phantom: its findings sidecar is found), and
+    #: without a provider both are skipped with a note; a name (e.g. ``phantom``) picks one.
+    tasks: str | None = None
+    #: The phantom findings sidecar of the report twins (implies ``tasks: phantom``); default:
+    #: found next to the store or the manifest it was prepared from.
+    findings: Path | None = None
     twins_per_study: int = Field(4, ge=0)
     zero_shot_temperature: float = Field(0.07, gt=0)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
@@ -144,7 +138,12 @@ class SegmentationConfig(BaseModel):
     max_test: int | None = Field(None, ge=1)
     out: Path = Path("runs/seg")
     name: FileStem | None = None  # default: "seg-t3d" or "seg-scratch", so both arms can share OUT
-    classes: dict[str, list[int]] = Field(default_factory=lambda: dict(DEFAULT_SEG_CLASSES))
+    #: ``{class name: [label values]}`` merged into each scored class; ``null``: the classes of
+    #: the store's dataset tasks (``t3d_data.tasks``; the phantom: lungs, heart, liver, spleen,
+    #: kidneys), a one-line error for a store without them.
+    classes: dict[str, list[int]] | None = None
+    #: The dataset tasks provider of ``classes: null`` (default: detected from the store).
+    tasks: str | None = None
     label_fraction: float = Field(0.1, gt=0.0, le=1.0)
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -158,7 +157,9 @@ class SegmentationConfig(BaseModel):
 
     @field_validator("classes")
     @classmethod
-    def _classes_disjoint(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+    def _classes_disjoint(cls, v: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        if v is None:
+            return v
         if not v:
             raise ValueError("classes is empty; map at least one class name to label values")
         seen: dict[int, str] = {}

@@ -1,9 +1,11 @@
 """Retrieval, report-twin accuracy and zero-shot AUC of a T3D encoder on one split.
 
 The library side of ``tools/evaluate.py`` (and of the benchmark's scoring): each volume is
-embedded as the mean of its crop embeddings (sliding window or random crops), studies are split
-over processes and gathered with ``t3d_eval.gather_embeddings``. Heavy imports happen inside the
-functions, so a config error is reported before torch is imported.
+embedded as the mean of its crop embeddings (sliding window or random crops) by
+``t3d_eval.embed_volumes``, which splits the studies over the accelerator's processes and
+gathers them back. Zero-shot prompts and report twins are the store's dataset tasks
+(``t3d_data.tasks``). Heavy imports happen inside the functions, so a config error is reported
+before torch is imported.
 """
 
 from __future__ import annotations
@@ -11,71 +13,24 @@ from __future__ import annotations
 from typing import Any
 
 from t3d_train.config import ConfigError
-from t3d_train.eval_common import (
-    check_inputs,
-    find_sidecar,
-    load_model,
-    read_sidecar,
-    set_threads,
-    subset,
-)
+from t3d_train.eval_common import check_inputs, load_model, set_threads, store_tasks, subset
 from t3d_train.eval_config import EvaluateConfig
 from t3d_train.preprocessing import resolve_crop_size, resolve_preprocessing
 
 
-def twin_reports(study_ids: list[str], sidecar: dict[str, dict[str, Any]], per_study: int,
-                 seed: int) -> tuple[list[int], list[str], list[str]]:
-    """Counterfactual reports: ``(row of the study, twin text, changed attribute)`` per twin."""
-    import numpy as np
-    from t3d_data.phantom import render_report, twin_findings
-
-    rows, texts, attrs = [], [], []
-    for row, sid in enumerate(study_ids):
-        rec = sidecar.get(sid)
-        if rec is None:
-            continue
-        rng = np.random.default_rng([seed, row, 17])
-        for _ in range(per_study):
-            twin, change = twin_findings(rec["findings"], rng)
-            texts.append(render_report(twin, seed=rec["report_seed"], reserved=rec["reserved"]))
-            rows.append(row)
-            attrs.append("size" if change["attribute"] == "size_mm" else change["attribute"])
-    return rows, texts, attrs
+def why_not(tasks: Any, what: str) -> str:
+    """Why a store's provider gives no ``what``: no provider at all, or one without it."""
+    if tasks is None:
+        return "the store has no dataset tasks; --set tasks=NAME names a provider"
+    return f"tasks {tasks.name!r} provide no {what} for it"
 
 
-def embed_split(model: Any, dataset: Any, indices: list[int], cfg: EvaluateConfig,
-                accelerator: Any, crop_size: tuple[int, int, int],
-                progress: bool = False) -> dict[str, Any]:
-    """Volume embeddings, labels and dataset indices of ``indices``, gathered over processes."""
-    import numpy as np
-    import t3d_eval as ev
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+def note(accelerator: Any, message: str) -> None:
+    """One ``note:`` line on stderr, from the main process only."""
+    import sys
 
-    enc = ev.crop_encoder(model)
-    emb_cfg = cfg.embedding
-    loader = accelerator.prepare_data_loader(DataLoader(torch.tensor(indices), batch_size=1))
-    vols, labels, idx = [], [], []
-    show = progress and accelerator.is_main_process
-    for batch in tqdm(loader, desc="embed", unit="study", disable=not show):
-        i = int(batch[0])
-        sample = dataset[i]
-        image = sample["image"]
-        if emb_cfg.mode == "sliding":
-            v = ev.volume_embedding_sliding(enc, image, crop_size, emb_cfg.overlap,
-                                            batch_size=emb_cfg.batch_size)
-        else:
-            rng = np.random.default_rng([cfg.runtime.seed, i])
-            v = ev.volume_embedding_from_crops(enc, image, crop_size, emb_cfg.num_crops, rng,
-                                               batch_size=emb_cfg.batch_size)
-        dev = accelerator.device
-        vols.append(ev.gather_embeddings(v[None].to(dev), accelerator=accelerator).cpu())
-        labels.append(ev.gather_embeddings(sample["labels"][None].to(dev),
-                                           accelerator=accelerator).cpu())
-        idx.append(ev.gather_embeddings(batch.to(dev), accelerator=accelerator).cpu())
-    return {"volume_emb": torch.cat(vols)[: len(indices)], "labels": torch.cat(labels)[: len(indices)],
-            "index": torch.cat(idx)[: len(indices)]}
+    if accelerator.is_main_process:
+        print(f"note: {message}", file=sys.stderr)
 
 
 def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
@@ -88,12 +43,13 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
     tqdm bar of the embedded studies on the main process.
     """
     check_inputs(cfg)  # before torch / transformers are imported
+    # the dataset's own tasks (prompts, report twins); a findings sidecar implies the phantom's
+    tasks = store_tasks(cfg.store, cfg.tasks or ("phantom" if cfg.findings is not None else None))
     import t3d_eval as ev
     import torch
     from t3d_data import VolumeDataset
-    from t3d_data.phantom import ZERO_SHOT_PROMPTS
+    from t3d_data.tasks import TasksError, twin_reports
 
-    sidecar_path = find_sidecar(cfg.store, cfg.findings)
     set_threads(cfg.runtime.threads)
     if accelerator is None:
         from accelerate import Accelerator
@@ -110,16 +66,16 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
     if len(indices) < 2:
         raise ConfigError(f"split {cfg.split!r} of {cfg.store} has {len(indices)} studies; "
                           "retrieval needs at least 2")
-    emb = embed_split(model, dataset, indices, cfg, accelerator, crop_size, progress)
-    order = [int(i) for i in emb["index"]]
-    records = [dataset.store.records[dataset.indices[i]] for i in order]
-    reports = [r.report for r in records]
-    study_ids = [r.study_id for r in records]
+    e = cfg.embedding
+    emb = ev.embed_volumes(model, dataset, indices, crop_size=crop_size, mode=e.mode,
+                           overlap=e.overlap, num_crops=e.num_crops, seed=cfg.runtime.seed,
+                           batch_size=e.batch_size, accelerator=accelerator, progress=progress)
+    reports, study_ids = emb["reports"], emb["study_ids"]
     text = ev.text_encoder(model)
     report_emb = torch.cat([text(reports[i : i + 32]) for i in range(0, len(reports), 32)])
 
     results: dict[str, Any] = {
-        "studies": len(order),
+        "studies": len(study_ids),
         "retrieval": ev.retrieval_metrics(emb["volume_emb"], report_emb, groups=reports),
         "chance": {"retrieval": ev.chance_retrieval(reports), "twin_accuracy": 0.5,
                    "zero_shot_auc": 0.5},
@@ -131,36 +87,48 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
         results["per_study"] = {"study_ids": study_ids, "group": g.tolist(),
                                 "v2r_rank": ev.retrieval_ranks(sim, relevant).tolist(),
                                 "r2v_rank": ev.retrieval_ranks(sim.T, relevant.T).tolist()}
-    if sidecar_path is not None and cfg.twins_per_study > 0:
-        rows, texts, attrs = twin_reports(study_ids, read_sidecar(sidecar_path),
-                                          cfg.twins_per_study, cfg.runtime.seed)
+    twins = None
+    if tasks is not None and cfg.twins_per_study > 0:
+        try:
+            twins = tasks.report_twins(cfg.store, cfg.findings)
+        except TasksError as err:  # e.g. a sidecar line that is not a findings record
+            raise ConfigError(str(err)) from None
+    if twins is not None:
+        rows, texts, attrs = twin_reports(twins, study_ids, cfg.twins_per_study, cfg.runtime.seed)
         if rows:
             twin_emb = torch.cat([text(texts[i : i + 32]) for i in range(0, len(texts), 32)])
             r = torch.tensor(rows)
-            twins: dict[str, Any] = {
+            twin_acc: dict[str, Any] = {
                 "all": ev.twin_accuracy(emb["volume_emb"][r], report_emb[r], twin_emb),
                 "count": len(rows)}
             counts = {}
             for attr in sorted(set(attrs)):
                 sel = torch.tensor([a == attr for a in attrs])
-                twins[attr] = ev.twin_accuracy(emb["volume_emb"][r][sel], report_emb[r][sel],
-                                               twin_emb[sel])
+                twin_acc[attr] = ev.twin_accuracy(emb["volume_emb"][r][sel], report_emb[r][sel],
+                                                  twin_emb[sel])
                 counts[attr] = int(sel.sum())
-            twins["counts"] = counts
-            results["twin_accuracy"] = twins
-    names = list(ZERO_SHOT_PROMPTS)
-    finding_index = [dataset.finding_names.index(n) for n in names if n in dataset.finding_names]
-    names = [n for n in names if n in dataset.finding_names]
-    if names:
-        prompts = {n: ZERO_SHOT_PROMPTS[n] for n in names}
+            twin_acc["counts"] = counts
+            results["twin_accuracy"] = twin_acc
+    elif cfg.twins_per_study > 0:
+        note(accelerator, f"no report twins for {cfg.store} ({why_not(tasks, 'twins')}); "
+                          "twin accuracy skipped")
+    prompts = tasks.prompts_for(dataset.finding_names) if tasks is not None else {}
+    if prompts:
+        names = list(prompts)
+        finding_index = [dataset.finding_names.index(n) for n in names]
         scores = ev.zero_shot_scores(emb["volume_emb"], text, prompts,
                                      temperature=cfg.zero_shot_temperature)
         results["zero_shot_auc"] = ev.zero_shot_auc(scores, emb["labels"][:, finding_index], names)
+    else:
+        note(accelerator, f"no zero-shot prompts for the findings of {cfg.store} "
+                          f"({why_not(tasks, 'zero_shot_prompts')}); zero-shot AUC skipped")
     results["preprocessing"] = {**model.config.preprocessing_record(),
                                 **prep.model_dump(mode="json")}
     results["config"] = {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
                          "split": cfg.split, "embedding": cfg.embedding.mode,
-                         "crop_size": list(crop_size), "sidecar": str(sidecar_path),
+                         "crop_size": list(crop_size),
+                         "tasks": tasks.name if tasks is not None else None,
+                         "sidecar": str(getattr(twins, "path", None)),
                          "processes": accelerator.num_processes}
     if write and accelerator.is_main_process:
         json_path, md_path = ev.write_results(results, cfg.out, cfg.name)

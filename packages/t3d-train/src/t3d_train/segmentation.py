@@ -10,13 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from t3d_train.config import ConfigError
-from t3d_train.eval_common import check_inputs, model_config, set_threads
+from t3d_train.eval_common import check_inputs, model_config, set_threads, store_tasks
 from t3d_train.eval_config import SegmentationConfig
 from t3d_train.preprocessing import resolve_crop_size, resolve_preprocessing
 
 
+def seg_classes(cfg: SegmentationConfig) -> dict[str, list[int]]:
+    """``cfg.classes``, or (``null``) the segmentation classes of the store's dataset tasks
+    (``t3d_data.tasks``; :class:`ConfigError` when the store has none)."""
+    if cfg.classes is not None:
+        return dict(cfg.classes)
+    try:
+        return store_tasks(cfg.store, cfg.tasks, "segmentation").classes()
+    except ConfigError as err:
+        raise ConfigError(f"classes: {err}; or give them: --set 'classes={{NAME: [VALUE, ...]}}'"
+                          ) from None
+
+
 def label_lookup(classes: dict[str, list[int]]):
-    """A lookup table: phantom label value → class index (1..K; unlisted values → 0)."""
+    """A lookup table: label value → class index (1..K; unlisted values → 0)."""
     import torch
 
     top = max(v for values in classes.values() for v in values)
@@ -70,14 +82,15 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
     ``progress=True`` shows tqdm bars (loading, fine-tuning, testing, overlays) on stderr.
     """
     check_inputs(cfg)  # before torch / monai are imported
+    classes = seg_classes(cfg)
     import t3d_eval as ev
     import torch
     from t3d_data.names import safe_filename, safe_join
     from tqdm.auto import tqdm
 
     set_threads(cfg.runtime.threads)
-    lut = label_lookup(cfg.classes)
-    num_classes = len(cfg.classes) + 1
+    lut = label_lookup(classes)
+    num_classes = len(classes) + 1
     # the window the encoder was pre-trained on (scratch: the preset's default record)
     record = source.config if source is not None else model_config(cfg.model)
     prep = resolve_preprocessing(cfg.model, record)
@@ -97,7 +110,7 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
                                       batch_size=cfg.batch_size,
                                       samples_per_volume=cfg.samples_per_volume, device=device,
                                       progress=progress)
-    names = list(cfg.classes)
+    names = list(classes)
     dice = ev.evaluate_segmentation(net, test, roi, num_classes, class_names=names,
                                     sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap,
                                     device=device, per_study=per_study, progress=progress)
@@ -114,7 +127,7 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
         "init": cfg.init,
         "preprocessing": {**record.preprocessing_record(), **prep.model_dump(mode="json")},
         "config": {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
-                   "seed": cfg.runtime.seed},
+                   "seed": cfg.runtime.seed, "classes": classes},
     }
     if per_study:
         results["per_study"] = {"study_ids": [s["study_id"] for s in test], "dice": rows}
@@ -182,7 +195,7 @@ def summary(cfg: SegmentationConfig, results: dict[str, Any],
 
     this, that = (("T3D-initialised", "from-scratch") if results["init"] == "t3d"
                   else ("From-scratch", "T3D-initialised"))
-    classes = list(cfg.classes)
+    classes = list(seg_classes(cfg))
     dice = results["dice"]
     text = (f"{this} SwinUNETR: mean Dice {fmt(dice['mean'])} over {len(classes)} organs on "
             f"{results['test_studies']} test studies, after {results['steps']} steps on "

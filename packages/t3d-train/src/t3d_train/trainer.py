@@ -107,38 +107,39 @@ def retrieval_check(model: nn.Module, store: Path, split: str | None, crop_confi
                     num_crops: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float] | None:
     """Volume→report Recall@K on ``split`` (mean of ``num_crops`` crops per volume) vs chance,
     and the eval-mode spread of those crops' embeddings (``eval_spread``: BatchNorm heads keep
-    the training-mode spread open even when the encoder collapses; eval mode shows it)."""
+    the training-mode spread open even when the encoder collapses; eval mode shows it).
+
+    Volumes are embedded by ``t3d_eval.embed_volumes`` (mode ``"crops"``: each study's own
+    crops), reports by ``model.encode_text``; both in eval mode, each module's train/eval flag
+    restored afterwards."""
     from t3d_data import CropDataset
-    from t3d_eval import chance_retrieval, retrieval_metrics
+    from t3d_eval import chance_retrieval, embed_volumes, retrieval_metrics
     from t3d_objectives import embedding_spread
 
     cfg = crop_config.model_copy(update={"num_crops": num_crops, "seed": crop_config.seed + 7})
     ds = CropDataset(store, cfg, split=split)
     if len(ds) < 2:
         return None
-    was_training = model.training
-    model.eval()
-    vol, reports, groups, crop_embs, crop_study = [], [], [], [], []
-    for i in range(len(ds)):
-        item = ds[i]
-        emb = model.encode_volume_crops(item["crops"], batch_size=2)
-        crop_embs.append(emb)
-        crop_study += [i] * emb.shape[0]
-        vol.append(emb.mean(0))
-        reports.append(item["report"])
-        groups.append(int(item["group"]))
-    text = torch.cat([model.encode_text(reports[i:i + 16]) for i in range(0, len(reports), 16)])
-    metrics = retrieval_metrics(torch.stack(vol), text, groups=groups, ks=ks)
-    model.train(was_training)
+    out = embed_volumes(model, ds, mode="crops", batch_size=2, keep_crops=True)
+    reports, groups = out["reports"], out["group"].tolist()
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()  # the text tower too (dropout); embed_volumes restored the training flags
+    try:
+        text = torch.cat([model.encode_text(reports[i:i + 16]).float().cpu()
+                          for i in range(0, len(reports), 16)])
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    metrics = retrieval_metrics(out["volume_emb"], text, groups=groups, ks=ks)
     chance = chance_retrieval(groups, ks=ks)
-    out = {"studies": len(ds)}
+    res = {"studies": len(ds)}
     for k in ks:
-        out[f"v2r_recall@{k}"] = metrics[f"v2r_recall@{k}"]
-        out[f"chance_recall@{k}"] = chance[f"recall@{k}"]
-    out["v2r_median_rank"] = metrics["v2r_median_rank"]
-    out["chance_median_rank"] = chance["median_rank"]
-    out["eval_spread"] = embedding_spread(torch.cat(crop_embs), torch.tensor(crop_study))
-    return out
+        res[f"v2r_recall@{k}"] = metrics[f"v2r_recall@{k}"]
+        res[f"chance_recall@{k}"] = chance[f"recall@{k}"]
+    res["v2r_median_rank"] = metrics["v2r_median_rank"]
+    res["chance_median_rank"] = chance["median_rank"]
+    res["eval_spread"] = embedding_spread(out["crop_emb"], out["crop_row"])
+    return res
 
 
 def retrieval_line(retrieval: dict[str, Any], split: str) -> str:
