@@ -114,6 +114,12 @@ print("HEAVY", sorted(m for m in ("torch", "monai", "transformers") if m in sys.
     ("evaluate.py", ["--store", "{store}", "--name", "../escape"], "field 'name'"),
     ("finetune_cls.py", ["--store", "{store}", "--name", "/abs/x"], "field 'name'"),
     ("finetune_seg.py", ["--store", "{store}", "--scratch", "--name", "a\\\\b"], "field 'name'"),
+    # a store without dataset tasks: the segmentation classes are missing, named with the fix
+    ("finetune_seg.py", ["--store", "{store}", "--scratch"],
+     "classes: store {store} has no dataset tasks, so segmentation has no seg_classes; name a "
+     "provider (--tasks NAME; known: phantom)"),
+    ("evaluate.py", ["--store", "{store}", "--tasks", "nosuch"],
+     "tasks: no dataset tasks named 'nosuch'; known: phantom"),
 ])
 def test_wrong_paths_and_names_fail_before_heavy_imports(tmp_path, script, args, needle):
     """One line, exit 2, and torch / monai / transformers never imported (seconds, not a minute)."""
