@@ -11,6 +11,7 @@ log(B), and the cross-study cosine of the crop embeddings goes to 1
 from __future__ import annotations
 
 import json
+import math
 import runpy
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,6 +49,12 @@ def test_defaults_learn_below_chance_without_collapse(tmp_path, capsys):
                                  if k.startswith("visual_")}), r
     assert end["eval_visual_std_ratio"] > 0.3, end
     assert end["eval_visual_same_cos"] > end["eval_visual_cross_cos"] + 0.1, end
+
+
+def test_chance_values_come_from_the_objective():
+    """TCL log(N-1) over 4 studies x 2 crops, alignment log B; no entry for TIR (left out)."""
+    assert learning_check.chance() == pytest.approx({"tcl_loss": math.log(7),
+                                                     "align_loss": math.log(4)})
 
 
 def test_bad_arguments_are_one_line(capsys):

@@ -236,6 +236,16 @@ def test_default_demo_runs_a_few_steps(tmp_path):
     assert config["data"]["max_studies"] == pretrain_demo_defaults()["data"]["max_studies"]
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "loss_curve.png").is_file()
+    # the model card names the run's facts: steps, store, command, final losses next to chance
+    card = (run_dir / "model" / "README.md").read_text(encoding="utf-8")
+    assert "- steps: 2" in card and f"- data: {config['data']['store']}" in card
+    assert "optim.max_steps=2" in card and "## Notes" in card
+    end = summary["loss_end"]
+    assert f"| tcl_loss | {end['tcl_loss']:.4f} | log(7) = 1.9459 |" in card
+    assert f"| align_loss | {end['align_loss']:.4f} | log(4) = 1.3863 |" in card
+    assert f"| tir_loss | {end['tir_loss']:.4f} |  |" in card
+    (ckpt,) = (run_dir / "checkpoints").glob("step-*")  # the checkpoint's card names its step
+    assert "- steps: 2" in (ckpt / "model" / "README.md").read_text(encoding="utf-8")
 
 
 def test_unreadable_study_is_counted_not_fatal(store, tmp_path):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 STUDIES, CROPS, STEPS = 4, 2, 30
+#: The objective: the ``t3d`` preset without the restoration term.
+OBJECTIVE = dict(w_tir=0.0)
 TINY_VISION = {"feature_size": 12, "window_size": 4, "crop_size": [64, 64, 64], "depths": [1, 1, 1, 1]}
 
 #: The defaults before the collapse fix, then each change on its own, then all together.
@@ -77,7 +78,7 @@ def run(store: Path, steps: int = STEPS, lr: float = 1e-3, head: str | None = No
         model_kw["head_bn_momentum"] = bn_momentum
     model = T3DModel.from_preset("t3d-tiny-cpu", restoration=False, vision=TINY_VISION, **model_kw)
     obj_kw = {} if temperature is None else {"temperature": temperature, "align_temperature": temperature}
-    objective = T3DObjective.from_preset("t3d", w_tir=0.0, **obj_kw)
+    objective = T3DObjective.from_preset("t3d", **OBJECTIVE, **obj_kw)
     defaults = inspect.signature(model.param_groups).parameters
     groups = model.param_groups(
         lr, defaults["weight_decay"].default,
@@ -129,8 +130,15 @@ def run(store: Path, steps: int = STEPS, lr: float = 1e-3, head: str | None = No
 
 
 def chance() -> dict[str, float]:
-    """Losses of a constant embedding: TCL log(N-1), alignment log(B)."""
-    return {"tcl_loss": math.log(STUDIES * CROPS - 1), "align_loss": math.log(STUDIES)}
+    """Losses of a constant embedding per term (``t3d_objectives.chance_losses``): TCL
+    log(N-1), alignment log(B)."""
+    import dataclasses
+
+    from t3d_objectives import PRESETS, chance_losses
+
+    terms = chance_losses(dataclasses.replace(PRESETS["t3d"], **OBJECTIVE), studies=STUDIES,
+                          crops_per_study=CROPS)
+    return {key: value for key, (_, value) in terms.items()}
 
 
 def summary(result: dict[str, Any], last: int = 10) -> dict[str, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if stopped_by_signal:
         return 0
     if accelerator.is_main_process:
-        accelerator.unwrap_model(module).model.save_pretrained(run_dir / "model")
+        accelerator.unwrap_model(module).model.save_pretrained(run_dir / "model",
+                                                              card={"steps": state["step"]})
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - step.t_start
     steps_run = state["step"] - start_step
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise_run(accelerator, accelerator.unwrap_model(module).model, cfg, log_path, timing)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "summary.json", summary)
+        command = ["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+        loop.write_run_card(cfg, summary, command)  # model/README.md: steps, data, losses, chance
         print(summary["text"])
     accelerator.end_training()
     return 0

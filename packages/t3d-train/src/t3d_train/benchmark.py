@@ -33,6 +33,16 @@ SUMMARY_ROWS = [
 
 #: The weights of the objective that scores held-out pretext losses: no TIR (clean crops only).
 PRETEXT_OBJECTIVE = dict(w_tir=0.0)
+
+
+def pretext_terms() -> list[str]:
+    """The logged keys of the terms scored on held-out crops (``t3d`` preset with
+    :data:`PRETEXT_OBJECTIVE`, from the term registry): ``["tcl_loss", "align_loss"]``."""
+    import dataclasses
+
+    from t3d_objectives import PRESETS, term_names
+
+    return term_names(dataclasses.replace(PRESETS["t3d"], **PRETEXT_OBJECTIVE))
 #: Fixed temperature of the second set of held-out losses, the same for every arm.
 FIXED_TEMPERATURE = 0.07
 #: Crop seed of the held-out batches: the same crops for every arm and seed.
@@ -43,7 +53,8 @@ MIN_UNITS = 8
 
 
 def trained_temperatures(run_dir: Path | None) -> dict[str, float]:
-    """The trained ``logit_scale`` of the TCL / alignment terms of a pre-training run.
+    """The trained ``logit_scale`` of each term of a pre-training run that has one (TCL and
+    alignment; every term of the registry ``t3d_objectives.TERMS`` is looked for).
 
     Read from the newest complete ``RUN/checkpoints/step-*/objective.safetensors`` (the
     objective's tensors; in older checkpoints ``model.safetensors``, accelerate's state of the
@@ -57,23 +68,25 @@ def trained_temperatures(run_dir: Path | None) -> dict[str, float]:
     if not ckpts:
         return {}
     from safetensors import safe_open
+    from t3d_objectives import TERMS
 
     out = {}
     path = next(ckpts[-1] / n for n in names if (ckpts[-1] / n).is_file())
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            for term in ("tcl", "align"):
-                if key == f"{term}.logit_scale" or key.endswith(f"objective.{term}.logit_scale"):
-                    out[term] = float(f.get_tensor(key))
+            for t in TERMS.values():
+                if key == f"{t.name}.logit_scale" or key.endswith(f"objective.{t.name}.logit_scale"):
+                    out[t.name] = float(f.get_tensor(key))
     return out
 
 
 def pretext_objectives(run_dir: Path | None, device: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``{"trained": objective with the run's temperatures, "fixed": τ = FIXED_TEMPERATURE}`` and
-    the τ each term used. A term the arm did not train (and every term of ``none``) keeps the
-    ``t3d`` objective preset's initial temperature, where training would have started."""
+    the τ each term used (each scored term with a ``logit_scale``: TCL and alignment). A term
+    the arm did not train (and every term of ``none``) keeps the ``t3d`` objective preset's
+    initial temperature, where training would have started."""
     import torch
-    from t3d_objectives import T3DObjective
+    from t3d_objectives import TERMS, T3DObjective
 
     scales = trained_temperatures(run_dir)
     trained = T3DObjective.from_preset("t3d", **PRETEXT_OBJECTIVE)
@@ -81,8 +94,10 @@ def pretext_objectives(run_dir: Path | None, device: Any) -> tuple[dict[str, Any
                                      align_temperature=FIXED_TEMPERATURE)
     used: dict[str, Any] = {}
     with torch.no_grad():
-        for term in ("tcl", "align"):
+        for term in (t.name for t in TERMS.values() if t.key in trained.term_names):
             loss = getattr(trained, term)
+            if not hasattr(loss, "logit_scale"):
+                continue
             if term in scales:
                 loss.logit_scale.fill_(scales[term])
             used[f"{term}_trained"] = 1.0 / float(loss.scale())
@@ -238,7 +253,7 @@ def interval_statistics(runs: list[dict[str, Any]]) -> dict[str, tuple[list[Any]
         units = [tuple(b) for b in ps[0]["pretext"]["study_ids"]]
         ev.check_same_units("pretext batches", [[tuple(b) for b in p["pretext"]["study_ids"]]
                                                 for p in ps])
-        for term in ("tcl_loss", "align_loss"):
+        for term in pretext_terms():
             if all(term in p["pretext"][name] for p in ps):
                 m = np.stack([_float_array(p["pretext"][name][term]) for p in ps], axis=1)
                 stats[f"pretext_{name}/{term}"] = (units, lambda i, m=m: float(np.nanmean(m[i])))
@@ -311,9 +326,10 @@ def compute_intervals(per_arm: dict[str, list[dict[str, Any]]], n_resamples: int
     out["chance"]["linear_probe_auc"] = 0.5
     for arm, runs in per_arm.items():  # the trained τ of each term, mean over seeds
         temps = [r["pretext"]["temperature"] for r in runs]
+        terms = [k.removesuffix("_trained") for k in temps[0] if k.endswith("_trained")]
         out["temperature"][arm] = {
             term: {"mean": sum(t[f"{term}_trained"] for t in temps) / len(temps),
-                   "source": temps[0][f"{term}_trained_source"]} for term in ("tcl", "align")}
+                   "source": temps[0][f"{term}_trained_source"]} for term in terms}
     return out
 
 

@@ -120,12 +120,13 @@ def tmp_folder(root: Path, step: int) -> Path:
     return root / f"{TMP_PREFIX}{step:08d}"
 
 
-def save_module_weights(module: Any, folder: Path) -> None:
-    """Main process only: ``module.model`` into ``folder/model/``, ``module.objective``'s
-    tensors into ``folder/objective.safetensors``."""
+def save_module_weights(module: Any, folder: Path, card: dict[str, Any] | None = None) -> None:
+    """Main process only: ``module.model`` into ``folder/model/`` (``card``: facts for its
+    ``README.md`` model card, e.g. ``{"steps": 100}``), ``module.objective``'s tensors into
+    ``folder/objective.safetensors``."""
     from t3d_models.io import save_state_file
 
-    module.model.save_pretrained(folder / MODEL_DIR)
+    module.model.save_pretrained(folder / MODEL_DIR, card=card)
     state = {k: v.detach().cpu().contiguous() for k, v in module.objective.state_dict().items()}
     save_state_file(state, folder / OBJECTIVE)
 

@@ -4,7 +4,8 @@
 NaN guard, backward, gradient clipping, the optimizer step and, when the accumulated gradients
 were applied, the schedule step, the skip accounting and the ``log.jsonl`` record. The builders
 around it (:func:`make_accelerator`, :func:`build_data`, :func:`build_optimizer`), resuming
-(:func:`resume`) and atomic checkpoints (:func:`save_checkpoint`) keep the script to its story.
+(:func:`resume`), atomic checkpoints (:func:`save_checkpoint`) and the final model card
+(:func:`write_run_card`) keep the script to its story.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ log = logging.getLogger("t3d.pretrain")
 def make_accelerator(cfg: Any, objective_cfg: Any) -> tuple[Any, bool]:
     """The run's ``Accelerator`` and whether it logs to TensorBoard (asked for and installed).
 
-    DDP looks for unused parameters only when a loss term is switched off (weight 0)."""
+    DDP looks for unused parameters only when a registered loss term is switched off (weight 0;
+    ``t3d_objectives.term_names`` lists the enabled ones)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available
+    from t3d_objectives import TERMS, term_names
 
-    disabled_term = min(objective_cfg.w_tcl, objective_cfg.w_tir, objective_cfg.w_align) == 0
+    disabled_term = len(term_names(objective_cfg)) < len(TERMS)
     use_tensorboard = cfg.run.tensorboard and is_tensorboard_available()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -77,13 +80,13 @@ def build_data(cfg: Any, objective_cfg: Any, num_processes: int) -> tuple[Any, A
         ConfigError: the split has fewer studies than one global batch.
     """
     from t3d_data import CropDataset, EpochShuffleSampler, PretrainDataset, collate_pretrain
-    from t3d_objectives import CropCorruption
+    from t3d_objectives import CropCorruption, term_names
     from torch.utils.data import DataLoader
 
     crops = CropDataset(cfg.data.store, cfg.data.crop, split=cfg.data.split,
                         max_studies=cfg.data.max_studies)
     corruption = None
-    if objective_cfg.w_tir > 0:
+    if "tir_loss" in term_names(objective_cfg):  # TIR restores the corrupted crops
         c = cfg.corruption
         corruption = CropCorruption(drop_fraction=c.drop_fraction, max_block_fraction=c.max_block_fraction,
                                     shuffle_block_size=c.shuffle_block_size, mode=c.mode,
@@ -156,12 +159,28 @@ def save_checkpoint(accelerator: Any, module: Any, root: Path, state: dict[str, 
     accelerator.wait_for_everyone()
     final = None
     if accelerator.is_main_process:
-        save_module_weights(accelerator.unwrap_model(module), tmp)
+        save_module_weights(accelerator.unwrap_model(module), tmp, card={"steps": state["step"]})
         final = finalize(tmp, root, state["step"], {"step": state["step"], "state": state,
                                                     "config": config}, keep_last)
         log.info("checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+#: The notes of the run folder's model card (:func:`write_run_card`).
+CARD_NOTES = ("Metrics are the training losses averaged over the last logged steps (summary.json); "
+              "chance is the loss of an encoder that learned nothing.")
+
+
+def write_run_card(cfg: Any, summary: dict[str, Any], command: list[str]) -> Path:
+    """Main process, after ``summary.json``: rewrite ``RUN/model/README.md`` (the model card,
+    :func:`t3d_models.write_model_card`) with the run's steps, store, ``command``, the final
+    training losses and their chance values; returns its path."""
+    from t3d_models import write_model_card
+
+    return write_model_card(cfg.run.output_dir / "model", card={
+        "steps": summary["steps"], "data": str(cfg.data.store), "command": command,
+        "metrics": summary["loss_end"], "chance": summary["loss_chance"], "notes": CARD_NOTES})
 
 
 class StopFlag:

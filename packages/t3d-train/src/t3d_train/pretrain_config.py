@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from t3d_data import CropConfig, DataConfig
 from t3d_models import PreprocessingConfig, T3DModelConfig, VisionConfig, load_preset
-from t3d_objectives import PRESETS, ObjectiveConfig
+from t3d_objectives import PRESETS, ObjectiveConfig, term_names
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -189,12 +189,13 @@ class PretrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PretrainConfig:
-        if self.data.crop.num_crops < 2 and (resolve_objective(self.objective).w_tcl > 0):
+        # the enabled terms, from the registry (validates the weights and term options)
+        terms = term_names(resolve_objective(self.objective))
+        if self.data.crop.num_crops < 2 and "tcl_loss" in terms:
             raise ValueError(
                 f"data.crop.num_crops={self.data.crop.num_crops}: TCL needs K >= 2 crops per study "
                 "(crops of one study are each other's positives); set data.crop.num_crops=2 or more"
             )
-        objective = resolve_objective(self.objective)
-        if objective.w_tir > 0 and not self.model.restoration:
+        if "tir_loss" in terms and not self.model.restoration:
             raise ValueError("objective.w_tir > 0 needs model.restoration=true (or set objective.w_tir=0)")
         return self

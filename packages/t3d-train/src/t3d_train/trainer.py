@@ -154,31 +154,38 @@ def retrieval_line(retrieval: dict[str, Any], split: str) -> str:
 
 
 def chance_losses(cfg: Any, num_processes: int) -> dict[str, tuple[str, float]]:
-    """The losses of a constant embedding: TCL ``log(N-1)`` over the N crops that are scored
-    together, InfoNCE alignment ``log B`` over the B studies (per process, or all processes
-    with ``objective.gather_distributed``)."""
+    """The losses of a constant embedding per enabled term that has one
+    (:func:`t3d_objectives.chance_losses` of the run's resolved objective): TCL ``log(N-1)`` over
+    the N crops that are scored together, InfoNCE alignment ``log B`` over the B studies (per
+    process, or all processes with ``objective.gather_distributed``)."""
+    from t3d_objectives import chance_losses as term_chances
+
     from t3d_train.pretrain_config import resolve_objective
 
-    objective = resolve_objective(cfg.objective)
-    procs = num_processes if objective.gather_distributed else 1
-    b = cfg.data.batch_size * procs
-    n = b * cfg.data.crop.num_crops
-    out = {}
-    if objective.w_tcl > 0 and n > 1:
-        out["tcl_loss"] = (f"log({n - 1})", math.log(n - 1))
-    if objective.w_align > 0 and objective.align_kind == "infonce" and b > 0:
-        out["align_loss"] = (f"log({b})", math.log(b))
-    return out
+    return term_chances(resolve_objective(cfg.objective), studies=cfg.data.batch_size,
+                        crops_per_study=cfg.data.crop.num_crops, processes=num_processes)
+
+
+def loss_keys(cfg: Any) -> list[str]:
+    """The logged loss keys of a run: ``"loss"`` then each enabled term's key, in the order of
+    the term registry (``t3d_objectives.term_names``)."""
+    from t3d_objectives import term_names
+
+    from t3d_train.pretrain_config import resolve_objective
+
+    return ["loss", *term_names(resolve_objective(cfg.objective))]
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path,
                 chance: dict[str, tuple[str, float]] | None = None) -> list[str]:
     """Loss per term against step, as a PNG, with a dashed line at each term's chance value
-    (``chance``: :func:`chance_losses`) in the term's colour. Returns the legend labels."""
+    (``chance``: :func:`chance_losses`) in the term's colour. The terms are those of the
+    registry (``t3d_objectives.TERMS``) that the records hold. Returns the legend labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from t3d_objectives import TERMS
 
-    keys = [k for k in ("loss", "tcl_loss", "tir_loss", "align_loss") if k in records[0]]
+    keys = [k for k in ("loss", *(t.key for t in TERMS.values())) if k in records[0]]
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -209,7 +216,7 @@ def summarise_run(accelerator: Any, model: nn.Module, cfg: Any, log_path: Path,
     records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     finite = [r for r in records if not r["skipped"]]
     window = max(1, min(5, len(finite) // 4))
-    terms = [k for k in ("loss", "tcl_loss", "tir_loss", "align_loss") if finite and k in finite[0]]
+    terms = [k for k in loss_keys(cfg) if finite and k in finite[0]]
     start = {k: sum(r[k] for r in finite[:window]) / window for k in terms}
     end = {k: sum(r[k] for r in finite[-window:]) / window for k in terms}
     retrieval = None
