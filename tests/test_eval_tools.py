@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +53,30 @@ def test_smoke_benchmark_writes_results(smoke):
     assert set(agg) == {"t3d", "none"}
     for arm in ("t3d", "none"):
         run = json.loads((out / "runs" / f"{arm}-seed0.json").read_text(encoding="utf-8"))
-        for key in ("v2r_recall@1", "v2r_recall@5", "v2r_recall@10", "v2r_median_rank",
-                    "r2v_recall@1", "r2v_median_rank"):
-            assert 0 <= run["retrieval"][key] <= 12, key
-        assert {"all", "count", "counts"} <= set(run["twin_accuracy"])
+        per = json.loads((out / "runs" / f"{arm}-seed0.per_study.json").read_text(encoding="utf-8"))
+        # the aggregate numbers are those of the per-study values written next to them
+        for side in ("v2r", "r2v"):
+            ranks = np.array(per["retrieval"][f"{side}_rank"])
+            for k in (1, 5, 10):
+                assert run["retrieval"][f"{side}_recall@{k}"] == pytest.approx(np.mean(ranks <= k))
+            assert run["retrieval"][f"{side}_median_rank"] == pytest.approx(np.median(ranks))
+        twins = run["twin_accuracy"]
+        per_study_twins = _benchmark_module().PRESETS["smoke"]["twins_per_study"]
+        assert twins["count"] == sum(twins["counts"].values()) == (
+            per_study_twins * run["test_studies"])
         assert "macro" in run["zero_shot_auc"] and "macro" in run["linear_probe_auc"]
         dice = run["dice"]
-        assert set(dice) == {"lungs", "heart", "liver", "spleen", "kidneys", "mean"}
-        assert dice["mean"] is not None and 0.0 <= dice["mean"] <= 1.0
+        classes = ["lungs", "heart", "liver", "spleen", "kidneys"]  # the phantom's tasks
+        assert list(dice) == [*classes, "mean"]
+        rows = np.array(per["dice"]["dice"], dtype=float)  # null (absent class) -> NaN
+        assert rows.shape == (run["seg_test_studies"], len(classes))
+        for c, col in zip(classes, rows.T, strict=True):
+            if np.isnan(col).all():
+                assert dice[c] is None, c
+            else:
+                assert dice[c] == pytest.approx(np.nanmean(col), abs=1e-6), c
+        have = [dice[c] for c in classes if dice[c] is not None]
+        assert dice["mean"] == pytest.approx(np.mean(have), abs=1e-6)
         png = Path(run["overlays"][0])
         assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # aggregated leaves are mean/std pairs
@@ -178,16 +195,30 @@ def test_evaluate_cli_on_the_smoke_checkpoint(smoke):
     assert {"retrieval", "twin_accuracy", "zero_shot_auc", "studies", "config", "chance"} <= set(
         result)
     chance = result["chance"]["retrieval"]
-    assert 0 < chance["recall@1"] <= chance["recall@5"] <= 1 and chance["median_rank"] >= 1
+    from t3d_data import VolumeDataset
+    from t3d_eval import chance_retrieval
+
+    test = VolumeDataset(store, split="test")
+    reports = [test.store.records[test.indices[i]].report for i in range(len(test))]
+    assert result["studies"] == len(reports)
+    assert chance == pytest.approx(chance_retrieval(reports))
     # one closing paragraph: each number next to its chance value, the same numbers as the file
     r = result["retrieval"]
     assert f"volume→report R@1 {r['v2r_recall@1']:.3f} (chance {chance['recall@1']:.3f})" in (
         res.stdout)
     assert f"median rank {r['v2r_median_rank']:g} (chance {chance['median_rank']:g})" in res.stdout
-    assert "Zero-shot macro AUC" in res.stdout and "--set model.checkpoint=null" in res.stdout
+    assert "--set model.checkpoint=null" in res.stdout
     assert "embed" in res.stderr  # the tqdm bar
     assert result["config"]["sidecar"].endswith("phantom_findings.jsonl")
-    assert result["twin_accuracy"]["count"] == result["studies"]
+    assert result["config"]["tasks"] == "phantom"
+    twins = result["twin_accuracy"]
+    assert twins["count"] == result["studies"] == sum(twins["counts"].values())
+    for attr in twins["counts"]:
+        assert f"{attr} {twins[attr]:.3f}" in res.stdout
+    assert f"{twins['all']:.3f} of {twins['count']} pairs" in res.stdout
+    auc = result["zero_shot_auc"]["macro"]
+    assert f"Zero-shot macro AUC {float('nan') if auc is None else auc:.3f} (chance 0.5)" in (
+        res.stdout)
     table = (out / "eval.md").read_text(encoding="utf-8")
     assert table.startswith("# eval") and "| retrieval/v2r_recall@1 |" in table
 
@@ -201,7 +232,8 @@ def test_evaluate_cli_on_the_smoke_checkpoint(smoke):
         ("finetune_seg.py", ["--store", "/x", "--fraction", "1.5", "--scratch"],
          "field 'label_fraction'"),
         ("finetune_seg.py", ["--config", "tools/configs/eval/finetune_seg.yaml",
-                             "--set", "classes.heart=[2]", "--scratch"], "label value 2 is in both"),
+                             "--set", "classes={lungs: [2, 3], heart: [2]}", "--scratch"],
+         "label value 2 is in both"),
         ("run_benchmark.py", ["--arms", "t3d,clip"], "unknown arm(s) ['clip']"),
     ],
 )
