@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from monai.metrics import compute_dice
 from monai.networks.nets import UNet
+from monai.networks.utils import one_hot
 from t3d_eval import (
     bootstrap_ci,
     class_mean_statistic,
@@ -117,7 +120,42 @@ def test_padded_studies_are_cropped_back():
     assert [out["class_1"], out["class_2"]] == pytest.approx(ref, abs=1e-5)
 
 
+def test_dice_of_constructed_masks_with_known_overlap():
+    """2|A∩B| / (|A| + |B|) by construction, checked against MONAI's compute_dice as well."""
+    label = np.zeros((12, 10, 8), dtype=np.int64)
+    pred = np.zeros_like(label)
+    label[0:4, 0:4, 0:4] = 1  # 64 voxels
+    pred[2:6, 0:4, 0:4] = 1  # 64 voxels, 32 shared: Dice 0.5
+    label[8:10, 0:2, 0:2] = 2  # 8 voxels
+    pred[8:10, 0:2, 0:4] = 2  # 16 voxels, 8 shared: Dice 2 * 8 / 24 = 2/3
+    perfect = label.copy()
+    perfect[label == 2] = 0  # second study: class 1 exact, class 2 absent from the label...
+    perfect_pred = label.copy()  # ...but predicted: no Dice for it, not a zero
+    studies = [
+        {"image": torch.from_numpy(p / 10.0).float()[None], "label": torch.from_numpy(g)[None]}
+        for p, g in ((pred, label), (perfect_pred, perfect))
+    ]
+    out = evaluate_segmentation(Oracle(), studies, roi_size=8, num_classes=NUM_CLASSES,
+                                class_names=["liver", "tumour"], per_study=True)
+    assert out["per_study"][0] == pytest.approx([0.5, 2 / 3], abs=1e-6)
+    assert out["per_study"][1][0] == pytest.approx(1.0) and math.isnan(out["per_study"][1][1])
+    assert out["liver"] == pytest.approx(0.75, abs=1e-6)  # (0.5 + 1) / 2
+    assert out["tumour"] == pytest.approx(2 / 3, abs=1e-6)  # study 1 does not count
+    assert out["mean"] == pytest.approx((0.75 + 2 / 3) / 2, abs=1e-6)
+    monai = compute_dice(one_hot(torch.from_numpy(pred)[None, None], NUM_CLASSES, dim=1),
+                         one_hot(torch.from_numpy(label)[None, None], NUM_CLASSES, dim=1),
+                         include_background=False)
+    assert monai[0].tolist() == pytest.approx(out["per_study"][0], abs=1e-6)
+
+
 def test_label_fraction_subset():
+    # Items in descending order: "in the original order" is not "sorted".
+    studies = [f"study{49 - i:02d}" for i in range(50)]
+    for fraction, n in ((0.01, 1), (0.07, 4), (0.1, 5), (0.2, 10), (0.5, 25), (0.9, 45)):
+        subset = label_fraction_subset(studies, fraction, seed=1)
+        positions = [studies.index(s) for s in subset]
+        assert len(subset) == n and len(set(subset)) == n
+        assert positions == sorted(positions)
     studies = list(range(50))
     assert len(label_fraction_subset(studies, 0.1, seed=0)) == 5
     assert len(label_fraction_subset(studies, 0.01, seed=0)) == 1  # at least one study
@@ -127,6 +165,32 @@ def test_label_fraction_subset():
     assert a != label_fraction_subset(studies, 0.2, seed=4)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         label_fraction_subset(studies, 0.0)
+
+
+class RecordingNet(torch.nn.Module):
+    """A 1x1x1 convolution that records the study id of every crop (the image is constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        self.seen: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.update((x.flatten(1).amax(1) * 100).round().long().tolist())
+        return self.conv(x)
+
+
+def test_finetune_trains_on_exactly_the_label_fraction_subset():
+    studies = []
+    for i in range(20):
+        label = torch.zeros(1, 12, 12, 12, dtype=torch.long)
+        label[:, 3:7, 3:7, 3:7] = 1
+        studies.append({"image": torch.full((1, 12, 12, 12), (i + 1) / 100), "label": label})
+    net = RecordingNet()
+    finetune_segmentation(net, studies, roi_size=8, num_classes=2, steps=12, batch_size=2,
+                          samples_per_volume=1, label_fraction=0.25, seed=3)
+    chosen = label_fraction_subset(list(range(1, 21)), 0.25, seed=3)
+    assert len(chosen) == 5 and net.seen == set(chosen)
 
 
 def sphere_studies(n: int, size: int = 32) -> list[dict]:
@@ -167,7 +231,16 @@ def test_finetune_decreases_the_loss_on_a_tiny_problem():
     )
     assert len(losses) == 25
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
-    assert evaluate_segmentation(net, studies[:1], roi_size=16, num_classes=2)["mean"] > 0.5
+    out = evaluate_segmentation(net, studies[:1], roi_size=16, num_classes=2)
+    pred = predict_segmentation(net, studies[0]["image"], 16)
+    ref = naive_dice([pred.numpy()], [studies[0]["label"][0].numpy()])[0]
+    assert out["class_1"] == pytest.approx(ref, abs=1e-5) and out["mean"] == out["class_1"]
+    assert ref > 0.5  # it learnt the sphere
+    # A window covering the volume: one direct forward pass.
+    net.eval()
+    with torch.no_grad():
+        direct = net(studies[0]["image"][None]).argmax(1)[0]
+    assert torch.equal(predict_segmentation(net, studies[0]["image"], 32), direct)
 
 
 @pytest.mark.slow
@@ -203,7 +276,11 @@ def test_swinunetr_fine_tunes_and_evaluates():
     )
     assert len(losses) == 1 and math.isfinite(losses[0])
     out = evaluate_segmentation(net, studies, roi_size=(32, 32, 64), num_classes=2)
-    assert 0.0 <= out["class_1"] <= 1.0
+    net.eval()
+    with torch.no_grad():  # the window is the volume: Dice of one direct forward pass
+        direct = net(studies[0]["image"][None]).argmax(1)[0]
+    ref = naive_dice([direct.numpy()], [label])[0]
+    assert out["class_1"] == pytest.approx(ref, abs=1e-5)
 
 
 def test_save_overlays_writes_a_png(tmp_path: Path):
@@ -212,7 +289,17 @@ def test_save_overlays_writes_a_png(tmp_path: Path):
         study["image"], study["label"], study["label"][0], tmp_path / "a" / "o.png", n_slices=2
     )
     data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+    from t3d_eval.segmentation import overlay_figure
+
+    written = imread(path)
+    assert written.shape == (round(80 * (3 * 2 + 0.6)), 80 * 9, 4)  # figure size x dpi 80
+    buf = io.BytesIO()
+    overlay_figure(study["image"], study["label"], study["label"][0], n_slices=2).savefig(
+        buf, dpi=80, format="png")
+    buf.seek(0)
+    assert np.array_equal(written, imread(buf))  # the overlay figure, pixel for pixel
 
 
 def test_overlays_have_a_legend_and_leave_air_outside_the_body_unpainted():
