@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from t3d_train.config import ConfigError
-from t3d_train.eval_common import check_inputs, load_model, set_threads, subset
+from t3d_train.eval_common import baseline_sentence, check_inputs, load_model, set_threads, subset
 from t3d_train.eval_config import ClassifyConfig
 from t3d_train.preprocessing import resolve_crop_size, resolve_preprocessing
 
@@ -143,10 +143,4 @@ def summary(cfg: ClassifyConfig, results: dict[str, Any]) -> str:
             + ", ".join(f"{n} {fmt(auc[n])}" for n in names) + ".")
     if auc.get("skipped"):
         text += f" No AUC (one class only): {', '.join(auc['skipped'])}."
-    if cfg.model.checkpoint is None:
-        text += (f" This is the no-pre-training baseline (random-init {cfg.model.preset} "
-                 "encoder).")
-    else:
-        text += (" The no-pre-training baseline is the same command with --set "
-                 "model.checkpoint=null.")
-    return text
+    return text + baseline_sentence(cfg.model)

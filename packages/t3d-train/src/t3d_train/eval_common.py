@@ -149,6 +149,13 @@ def store_tasks(store: Path, name: str | None = None, task: str | None = None):
         raise ConfigError(str(err)) from None
 
 
+def baseline_sentence(section: Any, encoder: str = "encoder") -> str:
+    """The closing summaries' pointer to the no-pre-training baseline (``section``: ``cfg.model``)."""
+    if section.checkpoint is None:
+        return f" This is the no-pre-training baseline (random-init {section.preset} {encoder})."
+    return " The no-pre-training baseline is the same command with --set model.checkpoint=null."
+
+
 def subset(dataset: Any, max_items: int | None) -> list[int]:
     """The first ``max_items`` indices of ``dataset`` (all when None)."""
     n = len(dataset)

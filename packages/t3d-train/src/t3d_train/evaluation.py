@@ -13,7 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from t3d_train.config import ConfigError
-from t3d_train.eval_common import check_inputs, load_model, set_threads, store_tasks, subset
+from t3d_train.eval_common import (
+    baseline_sentence,
+    check_inputs,
+    load_model,
+    set_threads,
+    store_tasks,
+    subset,
+)
 from t3d_train.eval_config import EvaluateConfig
 from t3d_train.preprocessing import resolve_crop_size, resolve_preprocessing
 
@@ -157,10 +164,4 @@ def summary(cfg: EvaluateConfig, results: dict[str, Any]) -> str:
     if auc:
         text += (f" Zero-shot macro AUC {auc['macro']:.3f} (chance 0.5) over "
                  f"{sum(1 for k in auc if k not in ('macro', 'skipped'))} findings.")
-    if cfg.model.checkpoint is None:
-        text += (f" This is the no-pre-training baseline (random-init {cfg.model.preset} vision "
-                 "encoder).")
-    else:
-        text += (" The no-pre-training baseline is the same command with --set "
-                 "model.checkpoint=null.")
-    return text
+    return text + baseline_sentence(cfg.model, "vision encoder")
