@@ -61,3 +61,27 @@ def _check_equivalence(dist_run: dict[str, object], name: str) -> None:
 @pytest.fixture
 def check_equivalence():
     return _check_equivalence
+
+
+def _model_outputs(with_tir=True):
+    """Seeded T3DModel-like outputs for the objective tests (TIR keys unless with_tir=False)."""
+    g = torch.Generator().manual_seed(0)
+    out = {
+        "visual_emb": torch.randn(8, 16, generator=g),
+        "text_informed_emb": torch.randn(8, 16, generator=g),
+        "crop_group": torch.tensor([0, 0, 1, 1, 2, 2, 0, 0]),
+        "volume_emb": torch.randn(4, 16, generator=g),
+        "text_emb": torch.randn(4, 16, generator=g),
+        "group": torch.tensor([0, 1, 2, 0]),
+    }
+    if with_tir:
+        out["restored"] = torch.rand(8, 1, 8, 8, 8, generator=g)
+        out["target"] = torch.rand(8, 1, 8, 8, 8, generator=g)
+        out["corruption_mask"] = torch.rand(8, 1, 8, 8, 8, generator=g) < 0.2
+    return out
+
+
+@pytest.fixture
+def model_outputs():
+    """The seeded outputs builder: ``model_outputs(with_tir=True) -> dict``."""
+    return _model_outputs

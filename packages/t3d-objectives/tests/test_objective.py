@@ -16,25 +16,8 @@ from t3d_objectives import (
 )
 
 
-def _outputs(with_tir=True):
-    g = torch.Generator().manual_seed(0)
-    out = {
-        "visual_emb": torch.randn(8, 16, generator=g),
-        "text_informed_emb": torch.randn(8, 16, generator=g),
-        "crop_group": torch.tensor([0, 0, 1, 1, 2, 2, 0, 0]),
-        "volume_emb": torch.randn(4, 16, generator=g),
-        "text_emb": torch.randn(4, 16, generator=g),
-        "group": torch.tensor([0, 1, 2, 0]),
-    }
-    if with_tir:
-        out["restored"] = torch.rand(8, 1, 8, 8, 8, generator=g)
-        out["target"] = torch.rand(8, 1, 8, 8, 8, generator=g)
-        out["corruption_mask"] = torch.rand(8, 1, 8, 8, 8, generator=g) < 0.2
-    return out
-
-
-def test_keys_and_weighted_total_match_the_individual_losses():
-    out = _outputs()
+def test_keys_and_weighted_total_match_the_individual_losses(model_outputs):
+    out = model_outputs()
     objective = T3DObjective(w_tcl=0.5, w_tir=2.0, w_align=3.0, restore_only_corrupted=True)
     result = objective(**out)
     assert set(result) == {"tcl_loss", "tir_loss", "align_loss", "loss"}
@@ -50,16 +33,16 @@ def test_keys_and_weighted_total_match_the_individual_losses():
     torch.testing.assert_close(result["loss"], 0.5 * tcl + 2.0 * tir + 3.0 * align)
 
 
-def test_zero_weight_terms_are_not_built_computed_or_returned():
+def test_zero_weight_terms_are_not_built_computed_or_returned(model_outputs):
     objective = T3DObjective.from_preset("t3d-v1")
     assert objective.align is None
     names = [n for n, _ in objective.named_parameters()]
     assert names == ["tcl.logit_scale"]
-    result = objective(**_outputs())
+    result = objective(**model_outputs())
     assert set(result) == {"tcl_loss", "tir_loss", "loss"}
     torch.testing.assert_close(result["loss"], result["tcl_loss"] + result["tir_loss"])
     # no TIR inputs needed when w_tir = 0
-    result = T3DObjective(w_tir=0)(**_outputs(with_tir=False))
+    result = T3DObjective(w_tir=0)(**model_outputs(with_tir=False))
     assert set(result) == {"tcl_loss", "align_loss", "loss"}
 
 
@@ -85,11 +68,11 @@ def test_from_config_accepts_any_object_with_the_fields():
     assert built.tir is None and isinstance(built.align, SigmoidAlignmentLoss)
 
 
-def test_temperatures_are_parameters_and_receive_gradients():
+def test_temperatures_are_parameters_and_receive_gradients(model_outputs):
     objective = T3DObjective()
     names = sorted(n for n, _ in objective.named_parameters())
     assert names == ["align.logit_scale", "tcl.logit_scale"]
-    objective(**_outputs())["loss"].backward()
+    objective(**model_outputs())["loss"].backward()
     assert all(p.grad is not None and p.grad != 0 for p in objective.parameters())
 
 
@@ -108,14 +91,14 @@ def test_constructor_errors(kwargs, match):
         T3DObjective(**kwargs)
 
 
-def test_preset_and_forward_errors():
+def test_preset_and_forward_errors(model_outputs):
     with pytest.raises(ValueError, match=r"unknown objective preset 't3d_v1'.*did you mean 't3d-v1'"):
         T3DObjective.from_preset("t3d_v1")
     with pytest.raises(ValueError, match="bad override"):
         T3DObjective.from_preset("t3d", w_unknown=1.0)
     with pytest.raises(ValueError, match="w_tir=1.0 but restored/target were not given"):
-        T3DObjective()(**_outputs(with_tir=False))
-    out = _outputs()
+        T3DObjective()(**model_outputs(with_tir=False))
+    out = model_outputs()
     out["crop_group"] = torch.tensor([0, 0, 1, 1, 2, 2, 0, 3])
     with pytest.raises(ValueError, match="group 3 has a single crop.*K >= 2"):
         T3DObjective()(**out)

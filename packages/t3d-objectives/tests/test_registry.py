@@ -24,24 +24,6 @@ from t3d_objectives import (
 )
 
 
-def _outputs(with_tir=True):
-    """Seeded model outputs (as in test_objective.py)."""
-    g = torch.Generator().manual_seed(0)
-    out = {
-        "visual_emb": torch.randn(8, 16, generator=g),
-        "text_informed_emb": torch.randn(8, 16, generator=g),
-        "crop_group": torch.tensor([0, 0, 1, 1, 2, 2, 0, 0]),
-        "volume_emb": torch.randn(4, 16, generator=g),
-        "text_emb": torch.randn(4, 16, generator=g),
-        "group": torch.tensor([0, 1, 2, 0]),
-    }
-    if with_tir:
-        out["restored"] = torch.rand(8, 1, 8, 8, 8, generator=g)
-        out["target"] = torch.rand(8, 1, 8, 8, 8, generator=g)
-        out["corruption_mask"] = torch.rand(8, 1, 8, 8, 8, generator=g) < 0.2
-    return out
-
-
 class _L2Penalty(torch.nn.Module):
     """The toy fourth term: mean squared norm of the crop embeddings (plus an optional shift)."""
 
@@ -80,8 +62,8 @@ def test_registry_lists_the_builtins_with_weights_and_inputs():
         TERMS["mine"] = builtins["tcl"]  # read-only: register_term is the way in
 
 
-def test_outputs_equal_the_loss_classes_called_directly():
-    out = _outputs()
+def test_outputs_equal_the_loss_classes_called_directly(model_outputs):
+    out = model_outputs()
     for kw in ({}, {"align_kind": "sigmoid", "restoration_kind": "l2", "tcl_symmetric": True}):
         objective = T3DObjective(w_tcl=0.5, w_tir=2.0, w_align=3.0, **kw)
         result = objective(**out)
@@ -112,8 +94,8 @@ def test_state_dict_keys_and_attributes_are_unchanged():
     assert sig.term_names == ["tir_loss", "align_loss"]
 
 
-def test_a_term_registered_outside_objective_py_joins_outputs_and_names(toy):
-    out = _outputs()
+def test_a_term_registered_outside_objective_py_joins_outputs_and_names(toy, model_outputs):
+    out = model_outputs()
     assert list(TERMS)[-1] == "toy"
     base = T3DObjective()
     assert base.toy is None and "toy_loss" not in base(**out)  # registered = off until weighted
@@ -139,7 +121,7 @@ def test_a_term_registered_outside_objective_py_joins_outputs_and_names(toy):
         only(volume_emb=out["volume_emb"])
 
 
-def test_chance_values_match_the_hand_formula():
+def test_chance_values_match_the_hand_formula(model_outputs):
     # TCL: log(N-1) over the N = B*K crops scored together; InfoNCE alignment: log(B)
     assert chance_losses(ObjectiveConfig(), studies=4, crops_per_study=2) == {
         "tcl_loss": ("log(7)", math.log(7)), "align_loss": ("log(4)", math.log(4))}
@@ -153,7 +135,7 @@ def test_chance_values_match_the_hand_formula():
     assert chance_losses(ObjectiveConfig(w_tcl=0), 1, 1) == {"align_loss": ("log(1)", 0.0)}
     # the claim itself: a constant visual embedding puts TCL at log(N-1) whatever the text;
     # constant volume and report embeddings put InfoNCE alignment at log(B)
-    out = _outputs(with_tir=False)
+    out = model_outputs(with_tir=False)
     const = {**out, "visual_emb": torch.ones(8, 16), "volume_emb": torch.ones(4, 16),
              "text_emb": torch.ones(4, 16), "group": torch.arange(4)}
     losses = T3DObjective(w_tir=0)(**const)
@@ -175,7 +157,7 @@ def test_term_names_reads_configs_and_objectives():
     assert term_names(PydanticLike()) == ["tcl_loss"]
 
 
-def test_unknown_or_misplaced_term_weights_give_clear_errors(toy):
+def test_unknown_or_misplaced_term_weights_give_clear_errors(toy, model_outputs):
     with pytest.raises(ValueError, match=r"extra_weights names unknown term 'tyo'.*did you mean 'toy'"):
         T3DObjective(extra_weights={"tyo": 0.5})
     with pytest.raises(ValueError, match=r"extra_weights names unknown term 'nope'; registered terms"):
@@ -187,7 +169,7 @@ def test_unknown_or_misplaced_term_weights_give_clear_errors(toy):
     with pytest.raises(ValueError, match="extra_weights must be a mapping"):
         ObjectiveConfig(extra_weights=[("toy", 1.0)])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="got model output 'visual_embs', which no registered term"):
-        T3DObjective()(**_outputs(), visual_embs=torch.zeros(1))
+        T3DObjective()(**model_outputs(), visual_embs=torch.zeros(1))
 
 
 def test_register_term_errors():
