@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
-from t3d_data import CropConfig, DataConfig
+from t3d_data import DataConfig
 from t3d_models import PreprocessingConfig, T3DModelConfig, VisionConfig, load_preset
 from t3d_objectives import PRESETS, ObjectiveConfig, term_names
 
@@ -62,7 +62,8 @@ def _reconcile_preprocessing(model: dict, data: dict | None) -> tuple[dict, list
     The model's crop size (``model.vision.crop_size``) is the crop size; ``data.crop.crop_size``
     may repeat it but not differ. The HU window and padding come from ``data.crop`` into
     ``model.preprocessing`` (saved with the weights); a ``model.preprocessing`` given explicitly
-    must agree with ``data.crop``.
+    must agree with ``data.crop``. Where neither sets a field, the record's default is used and
+    ``data.crop`` takes it from the record (one source of the defaults).
     """
     crop = (data or {}).get("crop") or {}
     vision = model.get("vision") or {}
@@ -82,10 +83,6 @@ def _reconcile_preprocessing(model: dict, data: dict | None) -> tuple[dict, list
                     f"{given[key]}: the model must be trained on the preprocessing it records; "
                     f"set one of them, not both")
             record[key] = list(crop[key]) if isinstance(crop[key], (list, tuple)) else crop[key]
-        elif key not in given:
-            record[key] = CropConfig.model_fields[key].default
-            if isinstance(record[key], tuple):
-                record[key] = list(record[key])
     model["preprocessing"] = record
     return model, list(model_crop)
 
