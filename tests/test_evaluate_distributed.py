@@ -39,15 +39,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    from t3d_data import prepare
-    from t3d_data.phantom import generate_phantom_dataset
-
-    root = tmp_path_factory.mktemp("phantom")
-    manifest = generate_phantom_dataset(root / "raw", n_studies=8, seed=3, shape=(64, 64, 64),
-                                        progress=False)
-    prepare(manifest, root / "store", progress=False)
-    return root / "store"
+def store(phantom_store) -> Path:
+    return phantom_store(8, shape=(64, 64, 64))
 
 
 def _evaluate(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:

@@ -175,16 +175,9 @@ def test_resume_latest_with_nothing_to_resume_fails_fast_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(phantom_store) -> Path:
     """5 training studies of 64^3 (one held out): the smallest store a 2-study batch runs on."""
-    from t3d_data import prepare
-    from t3d_data.phantom import generate_phantom_dataset
-
-    root = tmp_path_factory.mktemp("phantom")
-    manifest = generate_phantom_dataset(root / "raw", n_studies=6, seed=3, shape=(64, 64, 64),
-                                        progress=False)
-    prepare(manifest, root / "store", progress=False)
-    return root / "store"
+    return phantom_store(6, shape=(64, 64, 64))
 
 
 def test_real_resume_skips_a_corrupt_newest_checkpoint_and_logs_each_step_once(store, tmp_path):

@@ -40,15 +40,9 @@ def _run(args: list[str], tmp_path: Path, timeout: float = 420, **kw) -> subproc
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(phantom_store) -> Path:
     """A small prepared phantom store shared by this module's tests."""
-    from t3d_data import prepare
-    from t3d_data.phantom import generate_phantom_dataset
-
-    root = tmp_path_factory.mktemp("phantom")
-    manifest = generate_phantom_dataset(root / "raw", n_studies=10, seed=3, progress=False)
-    prepare(manifest, root / "store", progress=False)
-    return root / "store"
+    return phantom_store(10)
 
 
 def pretrain_demo_defaults() -> dict:
