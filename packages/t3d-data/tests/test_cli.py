@@ -29,7 +29,8 @@ def test_bad_input_prints_one_line_per_error_and_exits_2(tmp_path):
     res = _cli("prepare", bad, tmp_path / "out")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     lines = res.stderr.splitlines()
-    assert lines[0] == "t3d-data: error: 4 error(s) in manifest:" and len(lines) == 5
+    # line 2 lacks patient_id and image (report is optional: label-only studies)
+    assert lines[0] == "t3d-data: error: 3 error(s) in manifest:" and len(lines) == 4
     assert all(line.startswith("t3d-data: error: studies.jsonl line ") for line in lines[1:])
     assert "studies.jsonl line 1: field 'report': empty text (study 'a')" in res.stderr
     assert "studies.jsonl line 2: field 'patient_id'" in res.stderr

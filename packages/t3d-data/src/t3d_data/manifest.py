@@ -1,4 +1,4 @@
-"""Study manifest (JSONL or CSV): validated records pointing at CT volumes and their reports.
+"""Study manifest (JSONL or CSV): validated records pointing at volumes and their reports.
 
 Validation is exhaustive: ``load_manifest`` reports every error of the file at once, each naming
 the file, line and field, in the style of lightly/MONAI argument checks.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,9 +26,12 @@ from pydantic import (
 from t3d_data.errors import ManifestError
 from t3d_data.text import decode_utf8, is_report_path, normalise_report
 
-__all__ = ["SPLITS", "StudyRecord", "load_manifest", "patient_split"]
+__all__ = ["MODALITIES", "SPLITS", "StudyRecord", "load_manifest", "patient_split"]
 
 SPLITS = ("train", "val", "test")
+MODALITIES = ("CT", "MR")
+# BCP-47-ish: a 2-3 letter language, then optional script/region/variant subtags
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 _SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv")
 Split = Literal["train", "val", "test"]
 
@@ -41,27 +45,40 @@ def _resolve(value: str | Path, info: ValidationInfo) -> Path:
 
 
 class StudyRecord(BaseModel):
-    """One CT study of the manifest.
+    """One study of the manifest.
 
     Attributes:
         study_id: unique id of the study.
         patient_id: patient id (splits never share a patient).
-        image: NIfTI file or DICOM series folder (resolved against the manifest's folder).
-        report: inline report text, or a path ending in ``.txt`` (resolved likewise).
+        image: NIfTI file or DICOM series folder, or a list of NIfTI files (one per channel,
+            all in one voxel grid, e.g. BraTS ``[t1n, t1c, t2w, t2f]``); resolved against the
+            manifest's folder. In CSV, a list is a JSON array string.
+        report: inline report text, or a path ending in ``.txt`` (resolved likewise);
+            ``None`` for label-only (e.g. segmentation) studies, which pre-training refuses.
         split: ``"train"``, ``"val"`` or ``"test"``; ``None`` when not assigned yet.
         labels: finding name -> 0/1.
         mask: optional NIfTI label map in the image's voxel grid.
+        channels: channel names, e.g. ``["t1n", "t1c", "t2w", "t2f"]``; as many as ``image``
+            paths when ``image`` is a list (a single 4D file's count is checked when read).
+        modality: ``"CT"`` or ``"MR"``.
+        language: language tag of the report, BCP-47 style (``"en"``, ``"es"``, ``"pt-BR"``).
+        meta: free object of dataset metadata (kept as given, e.g. CT-RATE's rescale
+            slope/intercept; see docs/datasets.md). In CSV, a JSON object string.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     study_id: str
     patient_id: str
-    image: Path
-    report: str
+    image: Path | list[Path]
+    report: str | None = None
     split: Split | None = None
     labels: dict[str, int] = {}
     mask: Path | None = None
+    channels: list[str] | None = None
+    modality: Literal["CT", "MR"] = "CT"
+    language: str = "en"
+    meta: dict[str, Any] = {}
     _inline_replaced_bytes: int = PrivateAttr(0)
 
     @field_validator("study_id", "patient_id", mode="before")
@@ -76,6 +93,20 @@ class StudyRecord(BaseModel):
     @field_validator("image", "mask", mode="before")
     @classmethod
     def _resolve_path(cls, value: Any, info: ValidationInfo) -> Any:
+        if (info.field_name == "image" and isinstance(value, str)
+                and value.strip().startswith("[")):
+            value = _json_cell(value, list, "a JSON array of paths")
+        if isinstance(value, list) and info.field_name == "image":
+            if not value:
+                raise ValueError("empty list of paths")
+            paths = []
+            for k, v in enumerate(value):
+                if not isinstance(v, str | Path) or not str(v).strip():
+                    raise ValueError(f"item {k}: expected a non-empty path, got {v!r}")
+                paths.append(_resolve(str(v).strip(), info))
+            if len(set(paths)) != len(paths):
+                raise ValueError("the same path is listed twice")
+            return paths
         if value is None or (isinstance(value, str) and not value.strip()):
             if info.field_name == "image":
                 raise ValueError("empty path")
@@ -84,10 +115,50 @@ class StudyRecord(BaseModel):
             return _resolve(str(value).strip(), info)
         return value
 
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _parse_channels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = _json_cell(value, list, "a JSON array of channel names")
+        if isinstance(value, list):
+            if not value or any(not isinstance(c, str) or not c.strip() for c in value):
+                raise ValueError("expected a non-empty list of non-empty channel names")
+            if len(set(value)) != len(value):
+                raise ValueError(f"duplicate channel names in {value}")
+            return [c.strip() for c in value]
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_match_image(cls, value: list[str] | None, info: ValidationInfo
+                              ) -> list[str] | None:
+        image = info.data.get("image")
+        if value is not None and isinstance(image, list) and len(value) != len(image):
+            raise ValueError(f"{len(value)} channel names for {len(image)} image paths; give "
+                             "one name per path of 'image'")
+        return value
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _check_language(cls, value: Any) -> Any:
+        if isinstance(value, str) and not _LANGUAGE.fullmatch(value.strip()):
+            raise ValueError(f"invalid language tag {value!r}; use a BCP-47 tag such as 'en', "
+                             "'es' or 'pt-BR'")
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("meta", mode="before")
+    @classmethod
+    def _parse_meta(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str):
+            return _json_cell(value, dict, "a JSON object")
+        return value
+
     @field_validator("report", mode="before")
     @classmethod
     def _check_report(cls, value: Any, info: ValidationInfo) -> Any:
-        if not isinstance(value, str):
+        if value is None or not isinstance(value, str):
             return value
         if is_report_path(value):
             return str(_resolve(value.strip(), info))
@@ -120,12 +191,37 @@ class StudyRecord(BaseModel):
     @property
     def report_path(self) -> Path | None:
         """The report file when ``report`` names one, else ``None``."""
-        return Path(self.report) if is_report_path(self.report) else None
+        if self.report is None or not is_report_path(self.report):
+            return None
+        return Path(self.report)
+
+    @property
+    def image_paths(self) -> tuple[Path, ...]:
+        """Every image path: one for a single file or folder, one per channel for a list."""
+        return tuple(self.image) if isinstance(self.image, list) else (self.image,)
+
+    @property
+    def n_channels(self) -> int:
+        """Channels as far as the manifest tells: ``len(channels)`` when given, else the number
+        of image paths (a single 4D NIfTI without ``channels`` counts as 1 here; its real count
+        is known only when it is read)."""
+        return len(self.channels) if self.channels is not None else len(self.image_paths)
 
     @property
     def inline_replaced_bytes(self) -> int:
         """Invalid UTF-8 bytes of the manifest itself replaced in an inline ``report``."""
         return self._inline_replaced_bytes
+
+
+def _json_cell(value: str, kind: type, what: str) -> Any:
+    """Parses a JSON value given as a string (a CSV cell); ``kind`` is the expected type."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg}); expected {what}") from None
+    if not isinstance(parsed, kind):
+        raise ValueError(f"expected {what}, got {value!r}")
+    return parsed
 
 
 def _repair_utf8(value: Any) -> tuple[Any, int]:
@@ -171,7 +267,7 @@ def _rows_csv(path: Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
             if None in row:
                 errors.append(f"{path.name} line {lineno}: more cells than header columns")
                 continue
-            optional = ("split", "mask", "labels")
+            optional = ("split", "mask", "labels", "channels", "modality", "language", "meta")
             row = {k: v for k, v in row.items() if not (v in ("", None) and k in optional)}
             yield lineno, row
 
@@ -192,8 +288,12 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> list[StudyRe
 
     Args:
         path: ``*.jsonl`` / ``*.json`` (one object per line) or ``*.csv`` (header row; the
-            ``labels`` column holds a JSON object string).
-        check_files: also report images, masks and report files that do not exist. ``prepare``
+            ``labels`` and ``meta`` columns hold JSON object strings, a multi-channel ``image``
+            and ``channels`` JSON array strings; empty optional cells are unset; a CSV
+            without a ``report`` column has no reports, an empty ``report`` cell is an
+            error).
+        check_files: also report images (every path of a list), masks and report files that
+            do not exist. ``prepare``
             passes ``False`` so that a missing file quarantines one study instead.
 
     Returns:
@@ -250,7 +350,9 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> list[StudyRe
         if rec.report_path is None:
             rec._inline_replaced_bytes = replaced.get("report", 0)
         if check_files:
-            for field, p in (("image", rec.image), ("mask", rec.mask), ("report", rec.report_path)):
+            paths = [("image", p) for p in rec.image_paths]
+            paths += [("mask", rec.mask), ("report", rec.report_path)]
+            for field, p in paths:
                 if p is not None and not p.exists():
                     errors.append(f"{path.name} line {lineno}: field '{field}': file not found: "
                                   f"{p} (study '{rec.study_id}')")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from t3d_data.dataset import CropDataset, collate_crops
-from t3d_data.errors import StudyLoadError
+from t3d_data.errors import StoreError, StudyLoadError
 
 __all__ = ["Corruption", "EpochShuffleSampler", "PretrainDataset", "collate_pretrain"]
 
@@ -79,6 +79,20 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+def _require_reports(crops: Any) -> None:
+    """Refuses a crop dataset whose store has a study without a report (pre-training pairs
+    every volume with its report); a duck-typed dataset without ``store`` is not checked."""
+    store, indices = getattr(crops, "store", None), getattr(crops, "indices", None)
+    if store is None or indices is None:
+        return
+    missing = [store.records[i].study_id for i in indices if store.records[i].report is None]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise StoreError(f"store {store.path}: study '{missing[0]}'{more} has no report; "
+                         "pre-training needs a report per study: prepare a manifest whose "
+                         "studies all have a 'report' (or choose a split that has them)")
+
+
 class PretrainDataset(Dataset):
     """:class:`t3d_data.CropDataset` items plus their corruption; failures become markers.
 
@@ -89,12 +103,16 @@ class PretrainDataset(Dataset):
         seed: corruption seed; item ``idx`` of epoch ``e`` uses a generator seeded with
             ``(seed * 1_000_003 + e) * 1_000_003 + idx``.
 
+    Raises:
+        StoreError: a study of the selection has no report (a label-only store).
+
     Each item is the crop dataset's dict with ``corrupted`` and ``corruption_mask`` added, or
     ``{"error": message, "study_id": id}`` when the study cannot be read
     (:class:`t3d_data.StudyLoadError`).
     """
 
     def __init__(self, crops: CropDataset, corruption: Corruption | None, seed: int) -> None:
+        _require_reports(crops)
         self.crops, self.corruption, self.seed = crops, corruption, seed
 
     def use_epoch(self, epoch: int) -> None:

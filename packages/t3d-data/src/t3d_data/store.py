@@ -44,8 +44,9 @@ _TMP_PREFIX = ".tmp-"
 _KEY = r"[A-Za-z0-9._-]*-[0-9a-f]{6}-[0-9a-f]{12}"
 # prepare's own temporary entries (of this or a killed run); nothing else is ever removed
 _TMP_STUDY = re.compile(rf"\.tmp-{_KEY}\.\d+")
+_SHARD_INDEX = r"index\.shard-\d+-of-\d+\.json"  # t3d_data.shards: one per shard of a manifest
 _TMP_FILE = re.compile(rf"\.tmp-(?:{re.escape(INDEX_NAME)}|{re.escape(QUARANTINE_NAME)}|"
-                       rf"{re.escape(MARKER_NAME)})\.\d+")
+                       rf"{re.escape(MARKER_NAME)}|{_SHARD_INDEX})\.\d+")
 # Test hook: seconds to sleep between writing a study's temporary folder and renaming it, so
 # tests can SIGKILL a prepare run mid-study. Never set in normal use.
 _TEST_DELAY_ENV = "T3D_DATA_PREPARE_TEST_DELAY"
@@ -64,7 +65,7 @@ class StoreRecord(BaseModel):
     spacing: tuple[float, float, float]
     affine: list[list[float]]
     chunks: tuple[int, int, int]
-    report: str
+    report: str | None
     replaced_bytes: int
     labels: dict[str, int]
     has_mask: bool
@@ -74,6 +75,7 @@ class StoreRecord(BaseModel):
     mask_sha256: str | None
     group: int
     nbytes: int
+    language: str = "en"
 
 
 class _Index(BaseModel):
@@ -97,6 +99,10 @@ class PrepareSummary:
         quarantined: bad studies (listed in ``quarantine.jsonl``).
         bytes_written: compressed bytes written in this run.
         seconds: wall-clock time.
+        workers: processes that read and wrote studies.
+        shard: ``"I/N"`` for a sharded run (``total`` counts the shard's studies), else None.
+        peak_rss: largest peak resident memory of one process that prepared studies (a
+            worker, or this process with one worker), bytes.
     """
 
     store: Path
@@ -106,9 +112,13 @@ class PrepareSummary:
     quarantined: int
     bytes_written: int
     seconds: float
+    workers: int = 1
+    shard: str | None = None
+    peak_rss: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.store}: {self.total} studies: {self.prepared} prepared, {self.skipped} "
+        where = f"{self.store} (shard {self.shard})" if self.shard else f"{self.store}"
+        return (f"{where}: {self.total} studies: {self.prepared} prepared, {self.skipped} "
                 f"skipped (unchanged), {self.quarantined} quarantined; "
                 f"{self.bytes_written / 2**20:.1f} MiB written in {self.seconds:.1f} s")
 
@@ -172,6 +182,16 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def _write_json_lines_atomic(path: Path, rows: Sequence[Any]) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def _claim_store(out: Path) -> None:
     """Makes ``out`` a store folder, or refuses one that ``prepare`` did not create.
 
@@ -213,7 +233,8 @@ def _only_own_names(out: Path) -> bool:
     with an ``index.json`` is judged by that index instead."""
     top = {QUARANTINE_NAME, STUDIES_DIR}
     for entry in out.iterdir():
-        if entry.name not in top and not _TMP_FILE.fullmatch(entry.name):
+        if (entry.name not in top and not _TMP_FILE.fullmatch(entry.name)
+                and not re.fullmatch(_SHARD_INDEX, entry.name)):
             return False
     studies = out / STUDIES_DIR
     if studies.exists():
@@ -226,22 +247,45 @@ def _only_own_names(out: Path) -> bool:
     return True
 
 
-def _remove_own_temps(out: Path) -> None:
-    """Removes the temporary entries a killed run left (only names prepare itself uses)."""
+def _remove_own_temps(out: Path, prefixes: set[str] | None = None,
+                      shard_index: str | None = None) -> None:
+    """Removes the temporary entries a killed run left (only names prepare itself uses).
+
+    A shard (``prefixes`` given) removes only the temporary study folders of its own studies'
+    keys and only its own temporary shard index, so that it never touches what a concurrent
+    shard is writing.
+    """
     for entry in (out / STUDIES_DIR).iterdir():
         if _TMP_STUDY.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            key = entry.name[len(_TMP_PREFIX):].rsplit(".", 1)[0]
+            if prefixes is None or key[:-12] in prefixes:
+                shutil.rmtree(entry, ignore_errors=True)
     for entry in out.iterdir():
-        if _TMP_FILE.fullmatch(entry.name) and entry.is_file():
+        if _TMP_FILE.fullmatch(entry.name) and entry.is_file() and (
+                shard_index is None or entry.name.startswith(f"{_TMP_PREFIX}{shard_index}.")):
             entry.unlink(missing_ok=True)
 
 
 def _write_index(out: Path, entries: Sequence[StoreRecord]) -> None:
-    groups = report_group_ids([e.report for e in entries])
+    groups = _group_ids(entries)
     studies = [e.model_copy(update={"group": g}) for e, g in zip(entries, groups, strict=True)]
     findings = sorted({name for e in studies for name in e.labels})
     index = _Index(finding_names=findings, studies=studies)
     _write_json_atomic(out / INDEX_NAME, index.model_dump(mode="json"))
+
+
+def _group_ids(entries: Sequence[StoreRecord]) -> list[int]:
+    """:func:`report_group_ids` of the reports; a study without a report is its own group."""
+    gids = report_group_ids([e.report for e in entries if e.report is not None])
+    ids, n = iter(gids), max(gids, default=-1) + 1
+    out = []
+    for e in entries:
+        if e.report is not None:
+            out.append(next(ids))
+        else:
+            out.append(n)
+            n += 1
+    return out
 
 
 def _read_index(out: Path) -> _Index:
@@ -287,12 +331,14 @@ def _write_study(out: Path, key: str, image: np.ndarray, mask: np.ndarray | None
 def _prepare_one(rec: StudyRecord, out: Path, prev: StoreRecord | None, chunk: int,
                  max_voxels: int, max_bytes: int) -> tuple[StoreRecord, bool]:
     """Returns (entry, written) for one study; raises T3DDataError for a bad study."""
-    report = load_report(rec.report, rec.image.parent)
+    report = (load_report(rec.report, rec.image_paths[0].parent) if rec.report is not None
+              else None)
     digest = source_hash(rec.image)
     mask_digest = source_hash(rec.mask) if rec.mask is not None else None
-    replaced = report.replaced_bytes + rec.inline_replaced_bytes
-    meta = {"patient_id": rec.patient_id, "split": rec.split, "report": report.text,
-            "replaced_bytes": replaced, "labels": dict(rec.labels)}
+    replaced = (report.replaced_bytes if report is not None else 0) + rec.inline_replaced_bytes
+    meta = {"patient_id": rec.patient_id, "split": rec.split,
+            "report": report.text if report is not None else None,
+            "replaced_bytes": replaced, "labels": dict(rec.labels), "language": rec.language}
     if (prev is not None and prev.source_sha256 == digest and prev.mask_sha256 == mask_digest
             and (out / STUDIES_DIR / prev.key).is_dir()):
         return prev.model_copy(update=meta), False
