@@ -12,6 +12,7 @@ from t3d_eval.bootstrap import (
     bootstrap_ci,
     check_same_units,
     class_mean_statistic,
+    cluster_resamples,
     macro_auc_statistic,
 )
 from t3d_eval.classification import (
@@ -20,7 +21,9 @@ from t3d_eval.classification import (
     linear_probe,
     linear_probe_scores,
     multilabel_auc,
+    operating_thresholds,
     predict_classifier,
+    threshold_metrics,
 )
 from t3d_eval.distributed import gather_embeddings
 from t3d_eval.embedding import (
@@ -71,6 +74,7 @@ __all__ = [
     "chance_retrieval",
     "check_same_units",
     "class_mean_statistic",
+    "cluster_resamples",
     "cosine_similarity_matrix",
     "crop_encoder",
     "embed_studies",
@@ -86,6 +90,7 @@ __all__ = [
     "linear_probe_scores",
     "macro_auc_statistic",
     "multilabel_auc",
+    "operating_thresholds",
     "predict_classifier",
     "predict_segmentation",
     "pretext_losses",
@@ -96,6 +101,7 @@ __all__ = [
     "save_overlays",
     "sliding_window_starts",
     "text_encoder",
+    "threshold_metrics",
     "twin_accuracy",
     "volume_embedding_from_crops",
     "volume_embedding_sliding",

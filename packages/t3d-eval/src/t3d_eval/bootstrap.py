@@ -9,12 +9,18 @@ Several seeds of one arm are pooled by scoring the same resampled studies for ev
 averaging the metric over seeds (:func:`macro_auc_statistic` and :func:`class_mean_statistic`
 take one array per seed); the interval then reflects which test studies were drawn, for the
 seed-averaged model, not the spread between seeds (report that separately).
+
+**Patient-level (cluster) resampling.** Studies of one patient are not independent (follow-up
+scans, several reconstructions of one scan). With ``clusters`` (one id per unit, e.g. the
+patient id of each study), :func:`bootstrap_ci` draws *patients* with replacement and takes every
+study of each drawn patient (:func:`cluster_resamples`); with one study per patient this is the
+study-level bootstrap, resample for resample.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +31,7 @@ __all__ = [
     "bootstrap_ci",
     "check_same_units",
     "class_mean_statistic",
+    "cluster_resamples",
     "macro_auc_statistic",
 ]
 
@@ -54,6 +61,46 @@ def _resample_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 20231201]).integers(0, n, size=(n_resamples, n))
 
 
+def _cluster_codes(clusters: Sequence[Hashable]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Cluster number of each unit (in order of first appearance) and each cluster's units."""
+    codes: dict[Hashable, int] = {}
+    of_unit = np.array([codes.setdefault(c, len(codes)) for c in clusters], dtype=int)
+    order = np.argsort(of_unit, kind="stable")
+    bounds = np.cumsum(np.bincount(of_unit, minlength=len(codes)))[:-1]
+    return of_unit, np.split(order, bounds)
+
+
+def cluster_resamples(clusters: Sequence[Hashable], n_resamples: int = 1000,
+                      seed: int = 0) -> list[np.ndarray]:
+    """Unit indices of ``n_resamples`` cluster-bootstrap resamples (e.g. patients of studies).
+
+    Clusters are numbered in order of first appearance in ``clusters``; each resample draws
+    ``P`` cluster numbers with replacement (``P`` = number of clusters), from the generator
+    :func:`bootstrap_ci` uses for ``P`` units with the same ``seed``, and takes every unit of
+    each drawn cluster (in unit order). So the same ``(clusters, n_resamples, seed)`` gives the
+    same resamples (paired arms), and singleton clusters ``0..n-1`` give exactly the unit-level
+    resamples.
+
+    Args:
+        clusters: one hashable id per unit (e.g. the patient id of each test study).
+        n_resamples: number of resamples.
+        seed: resampling seed.
+
+    Returns:
+        ``n_resamples`` integer arrays of unit indices (their lengths vary with cluster sizes).
+
+    Raises:
+        ValueError: on no units or ``n_resamples < 1``.
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1; got {n_resamples}")
+    if len(clusters) == 0:
+        raise ValueError("clusters is empty; pass one cluster id (e.g. patient id) per unit")
+    _, members = _cluster_codes(clusters)
+    draws = _resample_indices(len(members), n_resamples, seed)
+    return [np.concatenate([members[c] for c in row]) for row in draws]
+
+
 def bootstrap_ci(
     values: Any,
     statistic: Callable[[np.ndarray], float] | None = None,
@@ -61,6 +108,7 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    clusters: Sequence[Hashable] | None = None,
 ) -> Interval:
     """Percentile bootstrap interval of ``statistic`` over the units along axis 0 of ``values``.
 
@@ -75,12 +123,16 @@ def bootstrap_ci(
         n_resamples: number of resamples (default 1000).
         confidence: interval mass in (0, 1) (default 0.95).
         seed: resampling seed; the same ``(n, n_resamples, seed)`` gives the same resamples.
+        clusters: one id per unit (e.g. the patient id of each study): resample whole clusters
+            (:func:`cluster_resamples`), the patient-level bootstrap. ``None``: every unit is
+            its own cluster (the unit-level bootstrap).
 
     Returns:
         :class:`Interval` (``low = high = NaN`` when no resample gave a finite statistic).
 
     Raises:
-        ValueError: on an empty ``values``, ``n_resamples < 1`` or ``confidence`` outside (0, 1).
+        ValueError: on an empty ``values``, ``n_resamples < 1``, ``confidence`` outside (0, 1)
+            or ``clusters`` of another length than ``values``.
 
     Example:
         >>> ci = bootstrap_ci(np.arange(100.0))
@@ -95,6 +147,13 @@ def bootstrap_ci(
     if data.ndim == 0 or data.shape[0] == 0:
         raise ValueError("values is empty; pass one entry per resampling unit along axis 0")
     n = data.shape[0]
+    if clusters is not None:
+        if len(clusters) != n:
+            raise ValueError(f"clusters has {len(clusters)} entries for {n} units; pass one "
+                             "cluster id (e.g. patient id) per unit along axis 0 of values")
+        stats = _cluster_stats(data, statistic, clusters, n_resamples, seed)
+        estimate = _mean_finite(data) if statistic is None else float(statistic(data))
+        return _interval(estimate, stats, confidence)
     idx = _resample_indices(n, n_resamples, seed)
     if statistic is None:
         flat = data.astype(float).reshape(n, -1)
@@ -107,6 +166,32 @@ def bootstrap_ci(
     else:
         estimate = float(statistic(data))
         stats = np.array([float(statistic(data[i])) for i in idx])
+    return _interval(estimate, stats, confidence)
+
+
+def _mean_finite(data: np.ndarray) -> float:
+    flat = data.astype(float).reshape(-1)
+    flat = flat[np.isfinite(flat)]
+    return float(flat.mean()) if flat.size else math.nan
+
+
+def _cluster_stats(data: np.ndarray, statistic: Callable[[np.ndarray], float] | None,
+                   clusters: Sequence[Hashable], n_resamples: int, seed: int) -> np.ndarray:
+    if statistic is not None:
+        return np.array([float(statistic(data[i]))
+                         for i in cluster_resamples(clusters, n_resamples, seed)])
+    # the mean of the finite entries, vectorised over per-cluster sums and counts
+    of_unit, members = _cluster_codes(clusters)
+    flat = data.astype(float).reshape(data.shape[0], -1)
+    finite = np.isfinite(flat)
+    sums = np.bincount(of_unit, np.where(finite, flat, 0.0).sum(1), minlength=len(members))
+    counts = np.bincount(of_unit, finite.sum(1), minlength=len(members))
+    draws = _resample_indices(len(members), n_resamples, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums[draws].sum(1) / counts[draws].sum(1)
+
+
+def _interval(estimate: float, stats: np.ndarray, confidence: float) -> Interval:
     stats = stats[np.isfinite(stats)]
     if stats.size == 0:
         return Interval(estimate, math.nan, math.nan, 0)

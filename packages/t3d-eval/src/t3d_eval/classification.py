@@ -22,7 +22,9 @@ __all__ = [
     "linear_probe",
     "linear_probe_scores",
     "multilabel_auc",
+    "operating_thresholds",
     "predict_classifier",
+    "threshold_metrics",
 ]
 
 
@@ -202,6 +204,94 @@ def linear_probe(
     probs, untrainable = linear_probe_scores(xtr, ytr, xte, finding_names=names, C=C,
                                              max_iter=max_iter, seed=seed)
     return multilabel_auc(torch.from_numpy(probs), yte, names, skip=untrainable)
+
+
+THRESHOLD_RULES = ("youden", "f1")
+
+
+def operating_thresholds(
+    scores: Tensor | np.ndarray, labels: Tensor | np.ndarray, rule: str = "youden"
+) -> np.ndarray:
+    """One decision threshold per finding, chosen on a tuning set (never on the test set).
+
+    A study is called positive when its score is ``>=`` the threshold (scikit-learn's
+    ``roc_curve`` convention). ``rule="youden"``: the ROC point maximising Youden's
+    ``J = sensitivity + specificity - 1`` (the operating point CT-CLIP reports);
+    ``rule="f1"``: the point of the precision-recall curve with the highest F1. Ties go to the
+    higher threshold.
+
+    Args:
+        scores: ``(M, F)`` tuning-set scores.
+        labels: ``(M, F)`` binary labels; NaN = unknown, ignored.
+        rule: ``"youden"`` or ``"f1"``.
+
+    Returns:
+        ``(F,)`` thresholds; NaN for a finding with a single class in the tuning labels.
+
+    Raises:
+        ValueError: on a bad rule or mismatched shapes.
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"rule must be one of {THRESHOLD_RULES}; got {rule!r}")
+    s = _as_2d("scores", scores).double().numpy()
+    y = _as_2d("labels", labels).double().numpy()
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ")
+    out = np.full(s.shape[1], math.nan)
+    for j in range(s.shape[1]):
+        known = ~np.isnan(y[:, j])
+        yj, sj = y[known, j].astype(int), s[known, j]
+        if len(np.unique(yj)) < 2:
+            continue
+        if rule == "youden":
+            fpr, tpr, thr = roc_curve(yj, sj)
+            out[j] = thr[int(np.argmax(tpr - fpr))]
+        else:
+            prec, rec, thr = precision_recall_curve(yj, sj)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f1 = np.nan_to_num(2 * prec[:-1] * rec[:-1] / (prec[:-1] + rec[:-1]))
+            best = np.flatnonzero(f1 == f1.max())
+            out[j] = thr[best[-1]]  # thresholds ascend: the last tie is the highest
+    return out
+
+
+def threshold_metrics(
+    scores: Tensor | np.ndarray, labels: Tensor | np.ndarray, thresholds: Any
+) -> dict[str, np.ndarray]:
+    """F1, balanced accuracy, sensitivity and specificity per finding at fixed thresholds.
+
+    Equal to scikit-learn's ``f1_score``, ``balanced_accuracy_score``, ``recall_score`` of the
+    predictions ``score >= threshold`` on the known labels (tested), vectorised over findings.
+
+    Args:
+        scores: ``(M, F)`` test scores.
+        labels: ``(M, F)`` binary labels; NaN = unknown, ignored.
+        thresholds: ``(F,)``, e.g. :func:`operating_thresholds` of a tuning split.
+
+    Returns:
+        ``{"f1", "balanced_accuracy", "sensitivity", "specificity"}``, each ``(F,)``; NaN for a
+        finding with a single class in ``labels`` or a NaN threshold.
+    """
+    s = _as_2d("scores", scores).double().numpy()
+    y = _as_2d("labels", labels).double().numpy()
+    t = np.asarray(thresholds, dtype=float).reshape(-1)
+    if s.shape != y.shape or t.shape[0] != s.shape[1]:
+        raise ValueError(f"scores {s.shape}, labels {y.shape} and thresholds {t.shape} must be "
+                         "(M, F), (M, F) and (F,)")
+    known = ~np.isnan(y)
+    pos, neg = known & (y == 1), known & (y == 0)
+    pred = s >= t[None, :]
+    tp, fn = (pred & pos).sum(0), (~pred & pos).sum(0)
+    fp, tn = (pred & neg).sum(0), (~pred & neg).sum(0)
+    bad = (pos.sum(0) == 0) | (neg.sum(0) == 0) | np.isnan(t)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens, spec = tp / (tp + fn), tn / (tn + fp)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+    out = {"f1": f1, "balanced_accuracy": (sens + spec) / 2, "sensitivity": sens,
+           "specificity": spec}
+    return {k: np.where(bad, math.nan, v).astype(float) for k, v in out.items()}
 
 
 class CropClassifier(nn.Module):
