@@ -73,3 +73,63 @@ def test_save_swinunetr_folder_loads_in_plain_monai_with_its_card(tiny_model, ti
     assert card.data.to_dict()["t3d"]["preprocessing"]["hu_window"] == [-1000.0, 1000.0]
     assert "| `pad_value` | -1024 |" in card.text and "Not for clinical use" in card.text
     assert "`out`" in card.text  # the newly initialised module is named
+
+
+def test_four_channel_repeat_reproduces_the_one_channel_encoder(tiny_model, x):
+    """repeat: W/C per channel, so C copies of one image give the pre-trained features."""
+    one = build_monai_swinunetr(tiny_model, out_channels=2).eval()
+    four, report = build_monai_swinunetr(tiny_model, out_channels=2, in_channels=4,
+                                         channel_adapt="repeat", return_report=True)
+    four.eval()
+    assert report["adapted"] == ["encoder1.layer.conv1.conv.weight",
+                                 "encoder1.layer.conv3.conv.weight",
+                                 "swinViT.patch_embed.proj.weight"]
+    w1 = one.swinViT.patch_embed.proj.weight
+    w4 = four.swinViT.patch_embed.proj.weight
+    assert w4.shape == (w1.shape[0], 4, *w1.shape[2:])
+    for c in range(4):
+        assert torch.equal(w4[:, c], w1[:, 0] * 0.25)
+    x4 = x.repeat(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        ref = one.swinViT(x, one.normalize)
+        got = four.swinViT(x4, four.normalize)
+        for a, b in zip(ref, got, strict=True):
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(four.encoder1(x4), one.encoder1(x), atol=2e-5, rtol=1e-4)
+        # a different image per channel gives different features: the test can fail
+        x_mixed = torch.cat([x, x.flip(2), x.flip(3), 1 - x], dim=1)
+        assert not torch.allclose(four.swinViT(x_mixed, four.normalize)[4], ref[4], atol=1e-3)
+
+
+def test_four_channel_average_is_the_one_channel_response_times_c(tiny_model, x):
+    one = build_monai_swinunetr(tiny_model, out_channels=2).eval()
+    four = build_monai_swinunetr(tiny_model, out_channels=2, in_channels=4,
+                                 channel_adapt="average").eval()
+    proj1, proj4 = one.swinViT.patch_embed.proj, four.swinViT.patch_embed.proj
+    assert torch.equal(proj4.weight, proj1.weight.expand(-1, 4, -1, -1, -1))
+    with torch.no_grad():
+        bias = proj1.bias.view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(proj4(x.repeat(1, 4, 1, 1, 1)) - bias, 4 * (proj1(x) - bias),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_channel_adapt_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match=r"channel_adapt='zero' is not supported; choose one of "
+                                         r"'repeat', 'average'"):
+        build_monai_swinunetr(tiny_model, out_channels=2, in_channels=4, channel_adapt="zero")
+
+
+def test_save_swinunetr_records_channels_and_the_mri_policy(tiny_model, tmp_path):
+    import json
+
+    from t3d_models import save_swinunetr
+
+    out = save_swinunetr(tiny_model, tmp_path / "mri", out_channels=4, in_channels=4,
+                         intensity="zscore_foreground")
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert cfg["swinunetr"]["in_channels"] == 4
+    assert cfg["preprocessing"]["intensity"] == "zscore_foreground"
+    assert cfg["channel_adapt"]["mode"] == "repeat"
+    assert len(cfg["channel_adapt"]["keys"]) == 3
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "| `intensity` | zscore_foreground |" in card and "`hu_window`" not in card

@@ -115,11 +115,23 @@ def _front_matter(library_name: str, extra: dict[str, Any], base_model: str | No
 def _preprocessing_section(record: dict[str, Any]) -> str:
     lo, hi = record["hu_window"]
     crop = "×".join(str(s) for s in record["crop_size"])
+    if record["intensity"] == "zscore_foreground":
+        intensity = [
+            ("intensity", record["intensity"], "per channel `(x - mean) / std` over the "
+             "foreground voxels (`x != 0`), background left at 0 (MONAI `NormalizeIntensity("
+             "nonzero=True, channel_wise=True)`); no HU window, padding with 0"),
+        ]
+    else:
+        intensity = [
+            ("hu_window", f"[{lo:g}, {hi:g}]", "HU range clipped, then mapped linearly to [0, 1]"),
+            ("intensity", record["intensity"],
+             f"`clip((HU - ({lo:g})) / ({hi:g} - ({lo:g})), 0, 1)`"),
+            ("pad_value", f"{record['pad_value']}",
+             "HU written where a crop extends beyond the volume"),
+        ]
     rows = [
         ("crop_size", crop, "input crops (voxels, D×H×W); multiples of 32"),
-        ("hu_window", f"[{lo:g}, {hi:g}]", "HU range clipped, then mapped linearly to [0, 1]"),
-        ("intensity", record["intensity"], f"`clip((HU - ({lo:g})) / ({hi:g} - ({lo:g})), 0, 1)`"),
-        ("pad_value", f"{record['pad_value']}", "HU written where a crop extends beyond the volume"),
+        *intensity,
         ("orientation", record["orientation"], "voxel axes of the arrays"),
         ("spacing", record["spacing"], "volumes used at their own voxel spacing, never resampled"),
     ]

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "INTENSITY_POLICIES",
     "InteractorConfig",
     "PreprocessingConfig",
     "T3DModelConfig",
@@ -25,6 +26,9 @@ __all__ = [
 ]
 
 _PRESET_PACKAGE = "t3d_models.presets"
+
+#: The intensity policies of :attr:`PreprocessingConfig.intensity`: CT HU window, MRI z-score.
+INTENSITY_POLICIES = ("hu_window_linear", "zscore_foreground")
 
 
 class _Strict(BaseModel):
@@ -129,7 +133,7 @@ class InteractorConfig(_Strict):
 
 
 class PreprocessingConfig(_Strict):
-    """How a CT volume becomes this model's input: the record that travels with the weights.
+    """How a stored volume becomes this model's input: the record that travels with the weights.
 
     Pre-training fills it from the data config (``data.crop``) and refuses a data config that
     disagrees; ``save_pretrained`` writes it into ``config.json`` (and so into every checkpoint);
@@ -142,14 +146,19 @@ class PreprocessingConfig(_Strict):
         pad_value: HU written where a crop extends beyond the volume (air).
         orientation: voxel axes of the stored arrays (``t3d-data prepare`` stores RAS).
         spacing: ``"native"``: volumes are used at their own voxel spacing, never resampled.
-        intensity: the intensity policy; ``"hu_window_linear"`` = ``clip((HU - lo) / (hi - lo), 0, 1)``.
+        intensity: the intensity policy. ``"hu_window_linear"`` (CT) =
+            ``clip((HU - lo) / (hi - lo), 0, 1)``. ``"zscore_foreground"`` (MRI) = per channel,
+            ``(x - mean) / std`` over the foreground voxels (``x != 0``, the rule of MONAI
+            ``NormalizeIntensity(nonzero=True, channel_wise=True)``), background left at 0;
+            ``hu_window`` and ``pad_value`` do not apply to it (crops and windows are padded
+            with 0, the background, after normalisation).
     """
 
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     pad_value: int = -1024
     orientation: Literal["RAS"] = "RAS"
     spacing: Literal["native"] = "native"
-    intensity: Literal["hu_window_linear"] = "hu_window_linear"
+    intensity: Literal["hu_window_linear", "zscore_foreground"] = "hu_window_linear"
 
     @model_validator(mode="after")
     def _window_order(self) -> PreprocessingConfig:
