@@ -1,4 +1,4 @@
-"""Command line: ``t3d-data prepare | validate | phantom | demo``.
+"""Command line: ``t3d-data prepare | index | validate | phantom | demo``.
 
 Heavy modules (torch, zarr, SimpleITK) are imported inside the commands, so ``--help`` is fast.
 Bad input prints one line per problem to stderr, each naming the file/field (or the option, as
@@ -29,6 +29,10 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=2**32,
                    help="refuse volumes whose header declares more decoded voxel bytes, voxels x "
                    "datatype size (default 2**32 = 4 GiB)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that read and write studies, one study each at a time (memory "
+                   "per worker: about the largest volume); the store is the same for any number "
+                   "(default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -43,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="store folder: new, empty, or a store prepare created "
                    "(reruns resume)")
     _add_prepare_args(p)
+    p.add_argument("--shard", metavar="I/N",
+                   help="prepare only shard I of N of the manifest (studies assigned by a hash of "
+                   "study_id) into OUT/index.shard-I-of-N.json; run all N (at once, on any "
+                   "machines sharing OUT), then `t3d-data index OUT`")
+    p = sub.add_parser("index", help="merge and check the shard indexes of a sharded prepare "
+                       "into STORE/index.json")
+    p.add_argument("store", type=Path, help="the store the shards prepared into")
+    p.add_argument("--manifest", type=Path, help="the manifest the shards read (default: the "
+                   "path they recorded; checked against its recorded sha256)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="fail when more than this fraction of the manifest is quarantined "
+                   "(default 0.05)")
     p = sub.add_parser("validate", help="check a manifest and list all its errors")
     p.add_argument("manifest", type=Path)
     for name, text in (("phantom", "write a synthetic CT-report dataset (NIfTI + manifest)"),
@@ -65,6 +81,7 @@ def _check_args(args: argparse.Namespace) -> None:
         ("max_voxels", "--max-voxels", lambda v: v >= 1, "must be >= 1"),
         ("max_bytes", "--max-bytes", lambda v: v >= 1, "must be >= 1"),
         ("studies", "--studies", lambda v: v >= 1, "must be >= 1"),
+        ("workers", "--workers", lambda v: v >= 1, "must be >= 1"),
         ("shape", "--shape", lambda v: v is None or min(v) >= _MIN_PHANTOM_EDGE,
          f"must be 3 sizes >= {_MIN_PHANTOM_EDGE} voxels (X Y Z)"),
     ]
@@ -73,15 +90,22 @@ def _check_args(args: argparse.Namespace) -> None:
         if attr in vars(args) and not ok(value):
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             raise ValueError(f"{flag} {rule}, got {shown}")
+    if getattr(args, "shard", None) is not None:
+        from t3d_data.shards import Shard
+
+        Shard.parse(args.shard)  # ValueError names --shard
 
 
 def _prepare(manifest: Path, out: Path, args: argparse.Namespace) -> None:
     from t3d_data.store import prepare
 
+    shard = getattr(args, "shard", None)
     summary = prepare(manifest, out, chunk=args.chunk, max_bad_fraction=args.max_bad_fraction,
                       max_voxels=args.max_voxels, max_bytes=args.max_bytes,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, workers=args.workers, shard=shard)
     print(summary)
+    if shard is not None:
+        print(f"shard {shard} done; when all shards are, run: t3d-data index {out}")
 
 
 def _phantom(out: Path, args: argparse.Namespace) -> Path:
@@ -98,6 +122,11 @@ def _run(args: argparse.Namespace) -> None:
     _check_args(args)
     if args.command == "prepare":
         _prepare(args.manifest, args.out, args)
+    elif args.command == "index":
+        from t3d_data.shards import merge_shards
+
+        print(merge_shards(args.store, manifest=args.manifest,
+                           max_bad_fraction=args.max_bad_fraction))
     elif args.command == "validate":
         from t3d_data.manifest import load_manifest
 

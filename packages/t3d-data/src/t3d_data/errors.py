@@ -15,6 +15,7 @@ __all__ = [
     "ReportError",
     "VolumeReadError",
     "PrepareAborted",
+    "PrepareWorkerError",
     "StoreError",
     "StudyLoadError",
 ]
@@ -89,6 +90,27 @@ class PrepareAborted(T3DDataError, RuntimeError):
             f"max_bad_fraction={limit:g} allows ({allowed}){': ' + ids if ids else ''}. "
             f"The {prepared + skipped} good studies are prepared ({prepared} written, {skipped} "
             f"unchanged); {where}; fix the inputs or raise --max-bad-fraction.")
+
+
+class PrepareWorkerError(T3DDataError, RuntimeError):
+    """A ``prepare --workers`` process died (e.g. killed for memory) while studies were in flight.
+
+    The studies finished before stay in the index; a rerun resumes.
+
+    Attributes:
+        studies: the studies that were running or queued when it died.
+    """
+
+    def __init__(self, studies: Sequence[str], workers: int):
+        self.studies = list(studies)
+        shown = ", ".join(f"'{s}'" for s in self.studies[:8])
+        if len(self.studies) > 8:
+            shown += f" and {len(self.studies) - 8} more"
+        super().__init__(
+            f"prepare stopped: a worker process died (killed, e.g. for memory, or crashed) while "
+            f"one of these studies was in flight: {shown}; the studies finished before are in "
+            f"the index: rerun to resume, with fewer than --workers {workers} (each worker holds "
+            "one whole volume in memory) or a lower --max-bytes")
 
 
 class StudyLoadError(T3DDataError, RuntimeError):

@@ -19,15 +19,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from t3d_data.errors import PrepareAborted, StoreError, T3DDataError, VolumeReadError
+from t3d_data.errors import PrepareAborted, StoreError, VolumeReadError
 from t3d_data.manifest import StudyRecord, load_manifest
 from t3d_data.readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, read_mask, read_volume
 from t3d_data.text import load_report, report_group_ids
+
+if TYPE_CHECKING:
+    from t3d_data.shards import Shard
 
 __all__ = ["INDEX_NAME", "MARKER_NAME", "QUARANTINE_NAME", "PrepareSummary", "StoreRecord",
            "VolumeStore", "prepare", "source_hash"]
@@ -374,6 +377,8 @@ def prepare(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: bool = True,
+    workers: int = 1,
+    shard: str | Shard | None = None,
 ) -> PrepareSummary:
     """Prepares a manifest into a chunked zarr v3 store (resumable; see docs/data.md).
 
@@ -386,15 +391,29 @@ def prepare(
     ``t3d-store.json`` marker). Inside it, ``prepare`` only removes its own temporary entries
     and the folders of studies its index names; anything else is left untouched.
 
+    With ``workers > 1`` a process pool reads and writes the studies (one study per worker at
+    a time, so a worker's memory is bounded by the largest volume it reads); this process
+    alone writes the index. The store is the same as with one worker. Ctrl-C or SIGTERM stops
+    the workers and keeps the finished studies in the index (a rerun resumes).
+
+    With ``shard="I/N"`` only the studies of shard I of N are prepared
+    (:func:`t3d_data.shards.shard_of`), and recorded in ``index.shard-I-of-N.json`` instead of
+    ``index.json``; the N shards may run at once (processes or machines sharing ``out_dir``),
+    each resumable on its own. :func:`t3d_data.shards.merge_shards` (``t3d-data index``) then
+    checks them and writes ``index.json``.
+
     Args:
         manifest_path: JSONL/CSV manifest (see :func:`t3d_data.load_manifest`).
         out_dir: store folder (created).
         chunk: chunk edge in voxels (chunks are ``chunk``³, clipped to the volume).
-        max_bad_fraction: fail when more than this fraction of the manifest is bad.
+        max_bad_fraction: fail when more than this fraction of the manifest (of the shard) is
+            bad.
         max_voxels: refuse volumes with more voxels (checked before allocating).
         max_bytes: refuse volumes whose header declares more decoded voxel bytes (voxels x
             the stored datatype's size; checked before allocating).
         progress: show a tqdm progress bar.
+        workers: processes that read and write studies (1: this process).
+        shard: ``"I/N"`` or a :class:`t3d_data.shards.Shard`; ``None`` prepares everything.
 
     Returns:
         The run's counts.
@@ -405,9 +424,13 @@ def prepare(
             is written).
         PrepareAborted: after trying every study: more than ``max_bad_fraction`` of them are
             bad, or none is usable (the index keeps every good one).
+        PrepareWorkerError: a worker process died (the index keeps the finished studies).
         ValueError: bad arguments.
     """
     from tqdm.auto import tqdm
+
+    from t3d_data.parallel import run_tasks
+    from t3d_data.shards import QuarantinedStudy, Shard, file_sha256, write_shard_index
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -415,64 +438,120 @@ def prepare(
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     if max_voxels < 1 or max_bytes < 1:
         raise ValueError(f"max_voxels and max_bytes must be >= 1, got {max_voxels}, {max_bytes}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    spec = Shard.parse(shard) if shard is not None else None
     start = time.perf_counter()
-    records = load_manifest(manifest_path, check_files=False)
+    manifest_path = Path(manifest_path)
+    everything = load_manifest(manifest_path, check_files=False)
+    records = everything if spec is None else [r for r in everything if spec.owns(r.study_id)]
     out = Path(out_dir)
     _claim_store(out)
     (out / STUDIES_DIR).mkdir(exist_ok=True)
-    _remove_own_temps(out)  # half-written studies of a killed run
-    old = {e.study_id: e for e in _read_index(out).studies} if (out / INDEX_NAME).exists() else {}
+    old = _previous_entries(out, spec)
+    if spec is None:
+        _remove_own_temps(out)  # half-written studies of a killed run
+    else:  # only this shard's: another shard may be writing right now
+        _remove_own_temps(out, {_key_prefix(s) for s in [*(r.study_id for r in records), *old]},
+                          spec.index_name)
+        digest = file_sha256(manifest_path)
+        assigned = [(pos, r.study_id) for pos, r in enumerate(everything)
+                    if spec.owns(r.study_id)]
     current = dict(old)
     allowed_bad = math.floor(max_bad_fraction * len(records) + 1e-9)
-    prepared = skipped = written = 0
-    bad: list[tuple[str, str]] = []
-    quarantine_tmp = out / f"{_TMP_PREFIX}{QUARANTINE_NAME}.{os.getpid()}"
-    with quarantine_tmp.open("w", encoding="utf-8") as quarantine:
-        for rec in tqdm(records, desc="prepare", unit="study", disable=not progress):
-            try:
-                entry, was_written = _prepare_one(rec, out, old.get(rec.study_id), chunk,
-                                                  max_voxels, max_bytes)
-            except (T3DDataError, OSError) as err:
-                reason = str(err)
-                bad.append((rec.study_id, reason))
-                logger.warning("quarantined study '%s': %s", rec.study_id, reason)
-                quarantine.write(json.dumps({"study_id": rec.study_id, "image": str(rec.image),
-                                             "reason": reason}, ensure_ascii=False) + "\n")
-                quarantine.flush()
+    prepared = skipped = written = rss = 0
+    bad: dict[int, QuarantinedStudy] = {}
+    unlinked: list[str] = []  # replaced study folders, removed once the index no longer names them
+    last = [0.0, 0.0]  # end and cost of the last index write
+
+    def save(complete: bool = False) -> None:
+        t0 = time.perf_counter()
+        entries = ([current[r.study_id] for r in records if r.study_id in current] if complete
+                   else list(current.values()))
+        if spec is None:
+            _write_index(out, entries)
+        else:
+            write_shard_index(out, spec, manifest_path, digest, assigned, entries,
+                              [bad[p] for p in sorted(bad)], complete=complete)
+        for key in unlinked:
+            shutil.rmtree(out / STUDIES_DIR / key, ignore_errors=True)
+        unlinked.clear()
+        last[:] = [time.perf_counter(), time.perf_counter() - t0]
+
+    def save_soon() -> None:  # at most ~10% of the time goes into rewriting a large index
+        if time.perf_counter() - last[0] >= 10 * last[1]:
+            save()
+
+    tasks = [(rec, out, old.get(rec.study_id), chunk, max_voxels, max_bytes) for rec in records]
+    outcomes = run_tasks(_prepare_one, tasks, workers, labels=[r.study_id for r in records])
+    try:
+        for outcome in tqdm(outcomes, total=len(tasks), desc="prepare", unit="study",
+                            disable=not progress):
+            rec = records[outcome.position]
+            rss = max(rss, outcome.peak_rss)
+            if outcome.error is not None:
+                bad[outcome.position] = QuarantinedStudy(study_id=rec.study_id,
+                                                         image=str(rec.image),
+                                                         reason=outcome.error)
+                logger.warning("quarantined study '%s': %s", rec.study_id, outcome.error)
                 if current.pop(rec.study_id, None) is not None:
-                    _write_index(out, list(current.values()))
+                    save_soon()
                 continue
+            entry, was_written = outcome.value
             prev = current.get(rec.study_id)
             current[rec.study_id] = entry
-            _write_index(out, list(current.values()))
             if was_written:
                 prepared += 1
                 written += entry.nbytes
                 if prev is not None and prev.key != entry.key:
-                    shutil.rmtree(out / STUDIES_DIR / prev.key, ignore_errors=True)
+                    unlinked.append(prev.key)
             else:
                 skipped += 1
-        quarantine.flush()
-        os.fsync(quarantine.fileno())
-    os.replace(quarantine_tmp, out / QUARANTINE_NAME)
+            save_soon()
+    except BaseException:
+        outcomes.close()  # stops the workers first
+        save()  # the index names every study finished so far: a rerun resumes from there
+        raise
     final = [current[r.study_id] for r in records if r.study_id in current]
-    _write_index(out, final)
-    _remove_stale_studies(out, final, old.values(), records)
-    if len(bad) > allowed_bad or not final:
+    if spec is None:
+        _write_json_lines_atomic(out / QUARANTINE_NAME, [bad[p].model_dump() for p in sorted(bad)])
+    save(complete=True)
+    others = (None if spec is None else
+              {_key_prefix(r.study_id) for r in everything if not spec.owns(r.study_id)})
+    _remove_stale_studies(out, final, old.values(), records, others=others)
+    if len(bad) > allowed_bad or (not final and (records or spec is None)):
+        where = out / (QUARANTINE_NAME if spec is None else spec.index_name)
         raise PrepareAborted(prepared, skipped, len(bad), len(records), max_bad_fraction,
-                             bad=bad, quarantine=out / QUARANTINE_NAME, store=out)
+                             bad=[(b.study_id, b.reason) for _, b in sorted(bad.items())],
+                             quarantine=where, store=out)
     summary = PrepareSummary(out, len(records), prepared, skipped, len(bad), written,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, workers=workers,
+                             shard=None if spec is None else str(spec), peak_rss=rss)
     logger.info("%s", summary)
     return summary
 
 
+def _previous_entries(out: Path, spec: Shard | None) -> dict[str, StoreRecord]:
+    """What an earlier run prepared: the shard's own index, else ``index.json`` (the studies a
+    shard owns, when it is one)."""
+    from t3d_data.shards import read_shard_index
+
+    if spec is not None and (out / spec.index_name).exists():
+        return {e.study_id: e for e in read_shard_index(out / spec.index_name).studies}
+    if not (out / INDEX_NAME).exists():
+        return {}
+    return {e.study_id: e for e in _read_index(out).studies
+            if spec is None or spec.owns(e.study_id)}
+
+
 def _remove_stale_studies(out: Path, final: Sequence[StoreRecord], old: Any,
-                          records: Sequence[StudyRecord]) -> None:
+                          records: Sequence[StudyRecord], others: set[str] | None = None) -> None:
     """Removes study folders of this store that the index no longer names.
 
     Only names that prepare gives are removed (a previous index's key, or the key pattern of a
-    study id it knows); any other entry is left untouched and reported.
+    study id it knows); any other entry is left untouched and reported. A shard passes the key
+    prefixes of the other shards' studies as ``others``: those folders are not its to judge,
+    and it reports nothing (a concurrent shard may be writing).
     """
     keep = {e.key for e in final}
     old = list(old)
@@ -484,7 +563,10 @@ def _remove_stale_studies(out: Path, final: Sequence[StoreRecord], old: Any,
         name = folder.name
         if name in keep:
             continue
-        mine = name in ours or (re.fullmatch(_KEY, name) is not None and name[:-12] in prefixes)
+        known = re.fullmatch(_KEY, name) is not None
+        if others is not None and (not known or name[:-12] in others) and name not in ours:
+            continue
+        mine = name in ours or (known and name[:-12] in prefixes)
         if mine and folder.is_dir() and not folder.is_symlink():
             logger.info("removing study folder not in the manifest: %s", name)
             shutil.rmtree(folder, ignore_errors=True)
