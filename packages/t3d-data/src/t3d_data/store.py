@@ -9,6 +9,7 @@ and only removes its own entries. ``VolumeStore`` opens a prepared store for rea
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -19,14 +20,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from t3d_data.errors import PrepareAborted, StoreError, VolumeReadError
 from t3d_data.manifest import StudyRecord, load_manifest
-from t3d_data.readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, read_mask, read_volume
+from t3d_data.readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, read_image, read_mask
 from t3d_data.text import load_report, report_group_ids
 
 if TYPE_CHECKING:
@@ -56,7 +57,15 @@ _TEST_DELAY_ENV = "T3D_DATA_PREPARE_TEST_DELAY"
 
 
 class StoreRecord(BaseModel):
-    """Metadata of one prepared study (an entry of ``index.json``)."""
+    """Metadata of one prepared study (an entry of ``index.json``).
+
+    ``shape`` and ``chunks`` are spatial ``(X, Y, Z)``. A multi-channel study (``n_channels >
+    1``, e.g. BraTS' four MRI sequences) stores its image as one ``(C, X, Y, Z)`` array chunked
+    ``(1, *chunks)``; ``channels`` names the channels when the manifest did. ``modality``
+    ``"CT"`` images are int16 HU, ``"MR"`` images float32 (no HU conversion). The three fields
+    are left out of ``index.json`` at their defaults (1, ``None``, ``"CT"``), so a
+    single-channel CT store is written exactly as before they existed.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -79,6 +88,20 @@ class StoreRecord(BaseModel):
     group: int
     nbytes: int
     language: str = "en"
+    n_channels: int = 1
+    channels: list[str] | None = None
+    modality: Literal["CT", "MR"] = "CT"
+
+    @model_serializer(mode="wrap")
+    def _omit_single_channel_defaults(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name, default in _CHANNEL_DEFAULTS.items():
+            if name in data and data[name] == default:
+                del data[name]
+        return data
+
+
+_CHANNEL_DEFAULTS: dict[str, Any] = {"n_channels": 1, "channels": None, "modality": "CT"}
 
 
 class _Index(BaseModel):
@@ -308,7 +331,11 @@ def _read_index(out: Path) -> _Index:
 
 def _write_study(out: Path, key: str, image: np.ndarray, mask: np.ndarray | None,
                  chunks: tuple[int, int, int]) -> int:
-    """Writes one study into a temporary folder, then renames it into place (atomic)."""
+    """Writes one study into a temporary folder, then renames it into place (atomic).
+
+    ``chunks`` are spatial; a ``(C, X, Y, Z)`` image is chunked ``(1, *chunks)`` (one channel
+    per chunk, so a crop of one channel reads only its own bytes).
+    """
     import zarr
     from zarr.codecs import BloscCodec
 
@@ -320,7 +347,8 @@ def _write_study(out: Path, key: str, image: np.ndarray, mask: np.ndarray | None
     for name, arr in (("image", image), ("mask", mask)):
         if arr is None:
             continue
-        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                               chunks=(1,) * (arr.ndim - 3) + tuple(chunks),
                                compressors=codec, fill_value=0)
         z[...] = arr
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
@@ -336,36 +364,48 @@ def _prepare_one(rec: StudyRecord, out: Path, prev: StoreRecord | None, chunk: i
     """Returns (entry, written) for one study; raises T3DDataError for a bad study."""
     report = (load_report(rec.report, rec.image_paths[0].parent) if rec.report is not None
               else None)
-    digest = source_hash(rec.image)
+    digest = _image_hash(rec.image_paths)
     mask_digest = source_hash(rec.mask) if rec.mask is not None else None
     replaced = (report.replaced_bytes if report is not None else 0) + rec.inline_replaced_bytes
     meta = {"patient_id": rec.patient_id, "split": rec.split,
             "report": report.text if report is not None else None,
             "replaced_bytes": replaced, "labels": dict(rec.labels), "language": rec.language}
     if (prev is not None and prev.source_sha256 == digest and prev.mask_sha256 == mask_digest
-            and (out / STUDIES_DIR / prev.key).is_dir()):
-        return prev.model_copy(update=meta), False
-    vol = read_volume(rec.image, max_voxels=max_voxels, max_bytes=max_bytes)
+            and prev.modality == rec.modality and (out / STUDIES_DIR / prev.key).is_dir()):
+        return prev.model_copy(update={**meta, "channels": rec.channels}), False
+    vol = read_image(rec.image_paths, max_voxels=max_voxels, max_bytes=max_bytes,
+                     modality=rec.modality, channels=rec.channels)
     mask_arr = None
     if rec.mask is not None:
         mask = read_mask(rec.mask, max_voxels=max_voxels, max_bytes=max_bytes)
-        if mask.array.shape != vol.array.shape:
+        if mask.array.shape != vol.spatial_shape:
             raise VolumeReadError(f"{rec.mask}: mask shape {mask.array.shape} != image shape "
-                                  f"{vol.array.shape} (after RAS reorientation)")
+                                  f"{vol.spatial_shape} (after RAS reorientation)")
         if not np.allclose(mask.affine, vol.affine, atol=1e-2):
             raise VolumeReadError(f"{rec.mask}: mask affine differs from the image's; resample "
                                   "the mask onto the image grid")
         mask_arr = mask.array
-    chunks = tuple(min(chunk, s) for s in vol.array.shape)
+    chunks = tuple(min(chunk, s) for s in vol.spatial_shape)
     key = _key(rec.study_id, digest)
     nbytes = _write_study(out, key, vol.array, mask_arr, chunks)  # type: ignore[arg-type]
+    source = (str(rec.image) if not isinstance(rec.image, list)
+              else json.dumps([str(p) for p in rec.image]))
     entry = StoreRecord(
-        study_id=rec.study_id, key=key, shape=vol.array.shape, spacing=vol.spacing,
+        study_id=rec.study_id, key=key, shape=vol.spatial_shape, spacing=vol.spacing,
         affine=vol.affine.tolist(), chunks=chunks, has_mask=mask_arr is not None,
-        source=str(rec.image), source_sha256=digest,
+        source=source, source_sha256=digest,
         mask_source=str(rec.mask) if rec.mask is not None else None, mask_sha256=mask_digest,
-        group=0, nbytes=nbytes, **meta)
+        group=0, nbytes=nbytes, n_channels=vol.n_channels, channels=rec.channels,
+        modality=rec.modality, **meta)
     return entry, True
+
+
+def _image_hash(paths: Sequence[Path]) -> str:
+    """:func:`source_hash` of one image path; for a list of channel files, the sha256 of their
+    hashes in order (so reordering the channels is a change)."""
+    if len(paths) == 1:
+        return source_hash(paths[0])
+    return hashlib.sha256("\n".join(source_hash(p) for p in paths).encode()).hexdigest()
 
 
 def prepare(
@@ -610,8 +650,13 @@ class VolumeStore:
         return [i for i, r in enumerate(self.records) if split is None or r.split == split]
 
     def shape(self, i: int) -> tuple[int, int, int]:
-        """Voxel shape ``(X, Y, Z)`` of study ``i`` (from the index; no I/O)."""
+        """Voxel shape ``(X, Y, Z)`` of study ``i`` (from the index; no I/O); spatial only,
+        see :meth:`n_channels`."""
         return self.records[i].shape
+
+    def n_channels(self, i: int) -> int:
+        """Image channels of study ``i`` (1 for CT; e.g. 4 for BraTS)."""
+        return self.records[i].n_channels
 
     def array(self, i: int, name: str = "image") -> Any:
         """The zarr array of study ``i`` (``"image"`` or ``"mask"``), opened once and cached."""
@@ -636,7 +681,8 @@ class VolumeStore:
             slices: up to three slices along ``(X, Y, Z)``; ``None`` reads the whole volume.
 
         Returns:
-            int16 HU array.
+            The image: int16 HU (CT) or float32 (MR); ``(x, y, z)`` for a single-channel
+            study, ``(C, x, y, z)`` (every channel) for a multi-channel one.
         """
         return self._read(i, "image", slices)
 
@@ -651,11 +697,18 @@ class VolumeStore:
         return self._read(i, "mask", slices)
 
     def _read(self, i: int, name: str, slices: tuple[slice, ...] | None) -> np.ndarray:
+        rec = self.records[i]
+        lead = rec.n_channels if name == "image" and rec.n_channels > 1 else None
         fast = self._fast_layout(i, name)
-        box = _box(slices, self.records[i].shape) if fast is not None else None
+        box = _box(slices, rec.shape) if fast is not None else None
         if box is None:
-            return np.asarray(self.array(i, name)[slices if slices is not None else ...])
-        return _read_chunks(self.path / STUDIES_DIR / self.records[i].key / name, box, *fast)
+            where = tuple(slices) if slices is not None else (...,)
+            if lead is not None:
+                where = (slice(None), *where)
+            return np.asarray(self.array(i, name)[where])
+        if lead is not None:
+            box = [(0, lead), *box]
+        return _read_chunks(self.path / STUDIES_DIR / rec.key / name, box, *fast)
 
     def _fast_layout(self, i: int, name: str) -> tuple[tuple[int, ...], np.dtype, Any] | None:
         """(chunks, dtype, fill) when the array has the layout ``prepare`` writes, else None.
@@ -676,7 +729,7 @@ class VolumeStore:
                         and meta["chunk_grid"]["name"] == "regular"
                         and meta["chunk_key_encoding"] == {"name": "default",
                                                            "configuration": {"separator": "/"}}
-                        and meta["data_type"] in ("int16", "uint8")):
+                        and meta["data_type"] in ("int16", "uint8", "float32")):
                     layout = (tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
                               np.dtype(meta["data_type"]).newbyteorder("<"), meta["fill_value"])
             except (OSError, KeyError, ValueError, TypeError):
@@ -708,21 +761,18 @@ def _read_chunks(folder: Path, box: list[tuple[int, int]], chunks: tuple[int, ..
     out = np.empty([b - a for a, b in box], dtype=dtype)
     ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
               for (a, b), c in zip(box, chunks, strict=True)]
-    for cx in ranges[0]:
-        for cy in ranges[1]:
-            for cz in ranges[2]:
-                idx = (cx, cy, cz)
-                src, dst = [], []
-                for (a, b), c, k in zip(box, chunks, idx, strict=True):
-                    lo, hi = max(a, k * c), min(b, (k + 1) * c)
-                    src.append(slice(lo - k * c, hi - k * c))
-                    dst.append(slice(lo - a, hi - a))
-                path = folder / "c" / str(cx) / str(cy) / str(cz)
-                try:
-                    raw = path.read_bytes()
-                except FileNotFoundError:
-                    out[tuple(dst)] = fill
-                    continue
-                chunk = np.frombuffer(blosc.decompress(raw), dtype=dtype).reshape(chunks)
-                out[tuple(dst)] = chunk[tuple(src)]
+    for idx in itertools.product(*ranges):  # (cx, cy, cz), or (cc, cx, cy, cz) with channels
+        src, dst = [], []
+        for (a, b), c, k in zip(box, chunks, idx, strict=True):
+            lo, hi = max(a, k * c), min(b, (k + 1) * c)
+            src.append(slice(lo - k * c, hi - k * c))
+            dst.append(slice(lo - a, hi - a))
+        path = folder.joinpath("c", *map(str, idx))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            out[tuple(dst)] = fill
+            continue
+        chunk = np.frombuffer(blosc.decompress(raw), dtype=dtype).reshape(chunks)
+        out[tuple(dst)] = chunk[tuple(src)]
     return out.astype(dtype.newbyteorder("="), copy=False)
