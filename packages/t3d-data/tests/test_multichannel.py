@@ -142,3 +142,59 @@ def test_store_round_trip_of_four_channel_studies(tmp_path):
     assert np.array_equal(store.read(0), src_0 := read_image(
         [tmp_path / "case0" / f"case0-{n}.nii.gz" for n in NAMES[::-1]], modality="MR").array)
     assert src_0.shape[0] == 4
+
+
+def _naive_zscore(image: np.ndarray) -> np.ndarray:
+    """Reference: every channel's non-zero voxels, one at a time, in float64."""
+    out = np.zeros(image.shape, np.float64)
+    for c in range(image.shape[0]):
+        idx = np.argwhere(image[c] != 0)
+        values = [float(image[c][tuple(i)]) for i in idx]
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 or 1.0
+        for i, v in zip(idx, values, strict=True):
+            out[c][tuple(i)] = (v - mean) / std
+    return out
+
+
+def test_zscore_foreground_matches_a_naive_loop():
+    from t3d_data.crops import apply_intensity, zscore_foreground
+
+    arr = _mr((8, 7, 6), seed=4)
+    arr[3] = 0  # a channel without foreground stays 0
+    arr[2][arr[2] != 0] = 5.0  # std 0: centred only
+    got = zscore_foreground(arr)
+    assert got.dtype == np.float32 and got.shape == arr.shape
+    np.testing.assert_allclose(got, _naive_zscore(arr), atol=1e-5)
+    assert np.all(got[arr == 0] == 0) and np.all(got[3] == 0) and np.all(got[2] == 0)
+    for c in range(2):  # mean 0, std 1 over each channel's foreground
+        fg = got[c][arr[c] != 0]
+        assert abs(fg.mean()) < 1e-5 and abs(fg.std() - 1) < 1e-5
+    np.testing.assert_array_equal(zscore_foreground(arr[0]), got[0])  # 3D = one channel
+    np.testing.assert_array_equal(apply_intensity(arr, "zscore_foreground"), got)
+    with pytest.raises(ValueError, match="intensity must be one of hu_window_linear, "
+                                         "zscore_foreground; got 'minmax'"):
+        apply_intensity(arr, "minmax")
+    # MONAI's NormalizeIntensity(nonzero=True, channel_wise=True) is compared in t3d-eval's
+    # test_segmentation.py (importing MONAI here would cost the t3d-data tests ~15 s)
+
+
+def test_volume_dataset_serves_channels_with_the_mri_policy(tmp_path):
+    from t3d_data import CropDataset, StoreError, VolumeDataset
+    from t3d_data.crops import zscore_foreground
+
+    prepare(_brats_like(tmp_path), tmp_path / "store", chunk=8, progress=False)
+    ds = VolumeDataset(tmp_path / "store", split="train", intensity="zscore_foreground")
+    item = ds[1]
+    assert item["image"].shape == (4, 20, 18, 16) and item["mask"].shape == (1, 20, 18, 16)
+    np.testing.assert_array_equal(item["image"].numpy(),
+                                  zscore_foreground(VolumeStore(tmp_path / "store").read(1)))
+    with pytest.raises(StoreError, match=r"study 'case0' is MR, but intensity hu_window_linear "
+                                         r"windows CT HU; use intensity='zscore_foreground'"):
+        VolumeDataset(tmp_path / "store", split="train")
+    ct = VolumeDataset(tmp_path / "store", split="test")  # the CT study: 1 channel, windowed
+    assert ct[0]["image"].shape == (1, 20, 18, 16) and float(ct[0]["image"].max()) == pytest.approx(0.52)
+    with pytest.raises(StoreError, match="random-crop pre-training reads single-channel CT"):
+        CropDataset(tmp_path / "store", split="train")

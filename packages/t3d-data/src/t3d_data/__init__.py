@@ -19,7 +19,7 @@ _EXPORTS = {
     # manifest
     "StudyRecord": "manifest", "load_manifest": "manifest", "patient_split": "manifest",
     # readers
-    "Volume": "readers", "read_volume": "readers", "read_mask": "readers",
+    "Volume": "readers", "read_volume": "readers", "read_image": "readers", "read_mask": "readers",
     "to_canonical": "readers",
     # text
     "ReportText": "text", "load_report": "text", "normalise_report": "text",
@@ -29,6 +29,7 @@ _EXPORTS = {
     "StoreRecord": "store", "source_hash": "store",
     # crops
     "CropConfig": "crops", "RandCropSampler": "crops", "scale_hu_window": "crops",
+    "zscore_foreground": "crops", "apply_intensity": "crops",
     # datasets (torch)
     "CropDataset": "dataset", "VolumeDataset": "dataset", "collate_crops": "dataset",
     "DataConfig": "dataset", "build_crop_loader": "dataset",
@@ -56,6 +57,7 @@ __all__ = [
     "patient_split",
     "Volume",
     "read_volume",
+    "read_image",
     "read_mask",
     "to_canonical",
     "ReportText",
@@ -70,6 +72,8 @@ __all__ = [
     "CropConfig",
     "RandCropSampler",
     "scale_hu_window",
+    "zscore_foreground",
+    "apply_intensity",
     "CropDataset",
     "VolumeDataset",
     "collate_crops",
@@ -105,7 +109,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from t3d_data.crops import CropConfig, RandCropSampler, scale_hu_window
+    from t3d_data.crops import (
+        CropConfig,
+        RandCropSampler,
+        apply_intensity,
+        scale_hu_window,
+        zscore_foreground,
+    )
     from t3d_data.dataset import (
         CropDataset,
         DataConfig,
@@ -129,7 +139,7 @@ if TYPE_CHECKING:  # pragma: no cover
         PretrainDataset,
         collate_pretrain,
     )
-    from t3d_data.readers import Volume, read_mask, read_volume, to_canonical
+    from t3d_data.readers import Volume, read_image, read_mask, read_volume, to_canonical
     from t3d_data.store import PrepareSummary, StoreRecord, VolumeStore, prepare, source_hash
     from t3d_data.tasks import (
         DatasetTasks,

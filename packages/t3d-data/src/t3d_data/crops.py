@@ -12,10 +12,12 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AIR_HU", "CropConfig", "RandCropSampler", "air_fraction", "pad_crop_box",
-           "scale_hu_window"]
+__all__ = ["AIR_HU", "INTENSITY_POLICIES", "CropConfig", "RandCropSampler", "air_fraction",
+           "apply_intensity", "pad_crop_box", "scale_hu_window", "zscore_foreground"]
 
 AIR_HU = -1024
+#: ``t3d_models.PreprocessingConfig.intensity``: CT HU window, MRI per-channel foreground z-score.
+INTENSITY_POLICIES = ("hu_window_linear", "zscore_foreground")
 Reader = Callable[[tuple[slice, slice, slice]], np.ndarray]
 
 
@@ -66,6 +68,50 @@ def scale_hu_window(crop: np.ndarray, hu_window: tuple[float, float]) -> np.ndar
     lo, hi = hu_window
     out = (crop.astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def zscore_foreground(image: np.ndarray) -> np.ndarray:
+    """Per-channel z-score over the foreground, the MRI intensity policy (float32).
+
+    For each channel (axis 0 of a ``(C, X, Y, Z)`` array; a 3D array is one channel), the
+    foreground is its non-zero voxels (skull-stripped MRI such as BraTS has exactly 0
+    outside the brain); they become ``(x - mean) / std`` with the mean and the population
+    standard deviation (``ddof=0``) of that channel's foreground, and the background stays 0.
+    A channel with no foreground is left at 0; one with ``std == 0`` is only centred. This is
+    MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)``, written in numpy so that
+    t3d_data does not import MONAI (the tests compare the two).
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    out = np.array(arr[None] if arr.ndim == 3 else arr, dtype=np.float32)
+    for channel in out:
+        fg = channel != 0
+        if not fg.any():
+            continue
+        values = channel[fg].astype(np.float64)
+        std = values.std()
+        channel[fg] = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out[0] if arr.ndim == 3 else out
+
+
+def apply_intensity(image: np.ndarray, intensity: str = "hu_window_linear",
+                    hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
+    """A stored image as model input under an intensity policy (float32).
+
+    Args:
+        image: ``(X, Y, Z)`` or ``(C, X, Y, Z)`` voxels as the store holds them.
+        intensity: ``"hu_window_linear"`` (:func:`scale_hu_window`) or
+            ``"zscore_foreground"`` (:func:`zscore_foreground`).
+        hu_window: the window of ``"hu_window_linear"``.
+
+    Raises:
+        ValueError: an unknown policy.
+    """
+    if intensity == "hu_window_linear":
+        return scale_hu_window(image, hu_window)
+    if intensity == "zscore_foreground":
+        return zscore_foreground(image)
+    raise ValueError(f"intensity must be one of {', '.join(INTENSITY_POLICIES)}; got "
+                     f"{intensity!r}")
 
 
 def air_fraction(crop: np.ndarray, air_threshold: float) -> float:

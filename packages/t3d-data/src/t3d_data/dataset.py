@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 
-from t3d_data.crops import CropConfig, RandCropSampler, scale_hu_window
+from t3d_data.crops import INTENSITY_POLICIES, CropConfig, RandCropSampler, apply_intensity
 from t3d_data.errors import StoreError, StudyLoadError
 from t3d_data.store import VolumeStore
 
@@ -83,6 +83,15 @@ class CropDataset(Dataset):
                 raise ValueError(f"max_studies must be >= 1 or None; got {max_studies}")
             self.indices = self.indices[:max_studies]
         _check_not_empty(self.store, split, len(self.indices), require_studies)
+        other = next((self.store.records[i] for i in self.indices
+                      if self.store.records[i].modality != "CT"
+                      or self.store.records[i].n_channels != 1), None)
+        if other is not None:
+            raise StoreError(
+                f"store {self.store.path}: study '{other.study_id}' is {other.modality} with "
+                f"{other.n_channels} channel(s); random-crop pre-training reads single-channel "
+                "CT (HU) only. Fine-tune on multi-channel / MR stores with "
+                "tools/finetune_seg.py (VolumeDataset, intensity zscore_foreground)")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,21 +145,39 @@ class VolumeDataset(Dataset):
     Args:
         store: a :class:`VolumeStore` or its folder.
         split: split to serve, or ``None`` for all.
-        hu_window: HU range mapped to [0, 1].
+        hu_window: HU range mapped to [0, 1] (``intensity="hu_window_linear"``).
         finding_names: order of the ``labels`` vector (default: the store's findings).
         require_studies: raise :class:`StoreError` when the split is empty (else a warning).
+        intensity: the intensity policy (``t3d_models.PreprocessingConfig.intensity``):
+            ``"hu_window_linear"`` (CT) or ``"zscore_foreground"`` (MRI: per channel, over
+            the non-zero voxels of the whole volume, :func:`t3d_data.crops.zscore_foreground`).
+            An HU window on an MR study is refused (:class:`StoreError`): MR has no HU.
 
-    Each item: ``image`` float32 (1, X, Y, Z); ``labels`` float32 (F,) with NaN where the study
+    Each item: ``image`` float32 (C, X, Y, Z) (C = 1 for CT; the store's channels, e.g. 4 for
+    BraTS); ``labels`` float32 (F,) with NaN where the study
     has no label for a finding; ``mask`` long (1, X, Y, Z) only when the study has one;
     ``study_id``, ``report``, ``spacing`` float32 (3,), ``affine`` float64 (4, 4).
     """
 
     def __init__(self, store: VolumeStore | str | Path, split: str | None = None,
                  hu_window: tuple[float, float] = (-1000.0, 1000.0),
-                 finding_names: Sequence[str] | None = None, *, require_studies: bool = False):
+                 finding_names: Sequence[str] | None = None, *, require_studies: bool = False,
+                 intensity: str = "hu_window_linear"):
         self.store = _open(store)
         self.indices = self.store.indices(split)
         _check_not_empty(self.store, split, len(self.indices), require_studies)
+        if intensity not in INTENSITY_POLICIES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_POLICIES)}; got "
+                             f"{intensity!r}")
+        mr = next((self.store.records[i] for i in self.indices
+                   if self.store.records[i].modality == "MR"), None)
+        if intensity == "hu_window_linear" and mr is not None:
+            raise StoreError(
+                f"store {self.store.path}: study '{mr.study_id}' is MR, but intensity "
+                "hu_window_linear windows CT HU; use intensity='zscore_foreground' (the model's "
+                "preprocessing record must say so: fine-tuning sets it with "
+                "--set model.intensity=zscore_foreground)")
+        self.intensity = intensity
         self.hu_window = hu_window
         self.finding_names = list(finding_names if finding_names is not None
                                   else self.store.finding_names)
@@ -162,7 +189,7 @@ class VolumeDataset(Dataset):
         i = self.indices[idx]
         rec = self.store.records[i]
         try:
-            image = scale_hu_window(self.store.read(i), self.hu_window)
+            image = apply_intensity(self.store.read(i), self.intensity, self.hu_window)
             mask = self.store.read_mask(i) if rec.has_mask else None
         except Exception as err:
             raise StudyLoadError(f"study '{rec.study_id}': cannot read volume "
@@ -170,7 +197,7 @@ class VolumeDataset(Dataset):
         labels = [float(rec.labels[n]) if n in rec.labels else math.nan
                   for n in self.finding_names]
         item: dict[str, Any] = {
-            "image": torch.from_numpy(image).unsqueeze(0),
+            "image": torch.from_numpy(image if image.ndim == 4 else image[None]),
             "labels": torch.tensor(labels, dtype=torch.float32),
             "study_id": rec.study_id,
             "report": rec.report,

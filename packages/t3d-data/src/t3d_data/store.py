@@ -314,13 +314,26 @@ def _group_ids(entries: Sequence[StoreRecord]) -> list[int]:
     return out
 
 
-def _read_index(out: Path) -> _Index:
-    path = out / INDEX_NAME
+def _is_url(path: str | Path) -> bool:
+    """An fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://`` ...), not a local path."""
+    return isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def _read_index(out: Path | str, storage_options: dict[str, Any] | None = None) -> _Index:
+    path = f"{out}/{INDEX_NAME}" if isinstance(out, str) else out / INDEX_NAME
     try:
-        index = _Index.model_validate_json(path.read_bytes())
+        if isinstance(out, str):  # an fsspec URL (VolumeStore)
+            import fsspec
+
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+        index = _Index.model_validate_json(data)
     except FileNotFoundError as err:
         raise StoreError(f"{out}: not a prepared store ({INDEX_NAME} missing); run "
-                         "`t3d-data prepare MANIFEST OUT` first") from err
+                         "`t3d-data prepare MANIFEST OUT` first (after `prepare --shard I/N`: "
+                         "`t3d-data index OUT`)") from err
     except ValidationError as err:
         raise StoreError(f"{path}: invalid store index ({err.error_count()} errors: "
                          f"{err.errors()[0]['msg']}); re-run prepare into a new folder") from err
@@ -623,7 +636,11 @@ class VolumeStore:
     """Read access to a prepared store.
 
     Args:
-        path: the store folder (holding ``index.json``).
+        path: the store folder (holding ``index.json``), or the URL of a store copied to any
+            file system fsspec and zarr support (``s3://bucket/store``, ``gs://...``,
+            ``memory://...``, ``file:///...``); a plain local path reads chunk files directly
+            (fast path), a URL reads through zarr.
+        storage_options: fsspec options for a URL (credentials, endpoint, ...).
 
     Raises:
         StoreError: not a store, or an unsupported/corrupt index.
@@ -632,9 +649,11 @@ class VolumeStore:
     >>> crop = store.read(0, (slice(0, 96), slice(0, 96), slice(0, 96)))  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        index = _read_index(self.path)
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None):
+        self.url: str | None = str(path).rstrip("/") if _is_url(path) else None
+        self.storage_options = dict(storage_options or {})
+        self.path: Path | str = self.url if self.url is not None else Path(path)
+        index = _read_index(self.path, self.storage_options)
         self.records: list[StoreRecord] = index.studies
         self.finding_names: list[str] = index.finding_names
         self._arrays: dict[tuple[int, str], Any] = {}
@@ -665,9 +684,13 @@ class VolumeStore:
             import zarr
 
             rec = self.records[i]
-            folder = self.path / STUDIES_DIR / rec.key / name
+            if self.url is not None:
+                folder = f"{self.url}/{STUDIES_DIR}/{rec.key}/{name}"
+                options = {"storage_options": self.storage_options or None}
+            else:
+                folder, options = self.path / STUDIES_DIR / rec.key / name, {}
             try:
-                cached = zarr.open_array(str(folder), mode="r", zarr_format=3)
+                cached = zarr.open_array(str(folder), mode="r", zarr_format=3, **options)
             except Exception as err:  # zarr raises FileNotFoundError / its own errors
                 raise StoreError(f"study '{rec.study_id}': cannot open {folder} ({err})") from err
             self._arrays[(i, name)] = cached
@@ -718,6 +741,8 @@ class VolumeStore:
         files directly, which makes small chunks cheap. Anything else goes through zarr.
         """
         key = (i, f"{name}:layout")
+        if self.url is not None:  # object storage: zarr reads the chunks (through fsspec)
+            return None
         if key not in self._arrays:
             layout = None
             try:
