@@ -15,7 +15,7 @@ _EXPORTS = {
     # errors
     "T3DDataError": "errors", "ManifestError": "errors", "ReportError": "errors",
     "VolumeReadError": "errors", "StoreError": "errors", "PrepareAborted": "errors",
-    "StudyLoadError": "errors",
+    "StudyLoadError": "errors", "PrepareWorkerError": "errors",
     # manifest
     "StudyRecord": "manifest", "load_manifest": "manifest", "patient_split": "manifest",
     # readers
@@ -27,6 +27,8 @@ _EXPORTS = {
     # store
     "prepare": "store", "PrepareSummary": "store", "VolumeStore": "store",
     "StoreRecord": "store", "source_hash": "store",
+    # sharded prepare
+    "Shard": "shards", "shard_of": "shards", "merge_shards": "shards", "IndexSummary": "shards",
     # crops
     "CropConfig": "crops", "RandCropSampler": "crops", "scale_hu_window": "crops",
     "zscore_foreground": "crops", "apply_intensity": "crops",
@@ -52,6 +54,7 @@ __all__ = [
     "StoreError",
     "PrepareAborted",
     "StudyLoadError",
+    "PrepareWorkerError",
     "StudyRecord",
     "load_manifest",
     "patient_split",
@@ -69,6 +72,10 @@ __all__ = [
     "VolumeStore",
     "StoreRecord",
     "source_hash",
+    "Shard",
+    "shard_of",
+    "merge_shards",
+    "IndexSummary",
     "CropConfig",
     "RandCropSampler",
     "scale_hu_window",
@@ -126,6 +133,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from t3d_data.errors import (
         ManifestError,
         PrepareAborted,
+        PrepareWorkerError,
         ReportError,
         StoreError,
         StudyLoadError,
@@ -140,6 +148,7 @@ if TYPE_CHECKING:  # pragma: no cover
         collate_pretrain,
     )
     from t3d_data.readers import Volume, read_image, read_mask, read_volume, to_canonical
+    from t3d_data.shards import IndexSummary, Shard, merge_shards, shard_of
     from t3d_data.store import PrepareSummary, StoreRecord, VolumeStore, prepare, source_hash
     from t3d_data.tasks import (
         DatasetTasks,
