@@ -1,4 +1,4 @@
-"""Command line: ``t3d-data prepare | index | validate | phantom | demo``.
+"""Command line: ``t3d-data prepare | index | import | validate | phantom | demo``.
 
 Heavy modules (torch, zarr, SimpleITK) are imported inside the commands, so ``--help`` is fast.
 Bad input prints one line per problem to stderr, each naming the file/field (or the option, as
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-fraction", type=float, default=0.05,
                    help="fail when more than this fraction of the manifest is quarantined "
                    "(default 0.05)")
+    from t3d_data.sources.cli import add_import_parser
+
+    add_import_parser(sub)  # t3d-data import <dataset> ROOT -o manifest.jsonl
     p = sub.add_parser("validate", help="check a manifest and list all its errors")
     p.add_argument("manifest", type=Path)
     for name, text in (("phantom", "write a synthetic CT-report dataset (NIfTI + manifest)"),
@@ -127,6 +130,10 @@ def _run(args: argparse.Namespace) -> None:
 
         print(merge_shards(args.store, manifest=args.manifest,
                            max_bad_fraction=args.max_bad_fraction))
+    elif args.command == "import":
+        from t3d_data.sources.cli import run_import
+
+        run_import(args)
     elif args.command == "validate":
         from t3d_data.manifest import load_manifest
 

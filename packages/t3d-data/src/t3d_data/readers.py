@@ -30,6 +30,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from t3d_data.errors import VolumeReadError
+from t3d_data.header import header_fallback
 
 __all__ = ["Volume", "read_image", "read_mask", "read_volume", "to_canonical"]
 
@@ -248,6 +249,8 @@ def _load_nifti(path: Path, max_voxels: int, max_bytes: int, modality: str = "CT
     slope = float(getattr(proxy, "slope", 1.0))
     inter = float(getattr(proxy, "inter", 0.0))
     affine = np.asarray(img.affine, dtype=np.float64)
+    # dataset metadata for what the header lacks (t3d_data.header; set by prepare)
+    slope, inter, affine = header_fallback(path, hdr, slope, inter, affine)
     if path.name.lower().endswith(".gz"):
         _check_gzip_trailer(path, offset + nbytes)
         flat = (shape[0], shape[1], math.prod(shape[2:]))  # (X, Y, Z*C): the same bytes

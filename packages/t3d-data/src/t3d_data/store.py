@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from t3d_data.errors import PrepareAborted, StoreError, VolumeReadError
+from t3d_data.header import header_meta
 from t3d_data.manifest import StudyRecord, load_manifest
 from t3d_data.readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, read_image, read_mask
 from t3d_data.text import load_report, report_group_ids
@@ -386,8 +387,9 @@ def _prepare_one(rec: StudyRecord, out: Path, prev: StoreRecord | None, chunk: i
     if (prev is not None and prev.source_sha256 == digest and prev.mask_sha256 == mask_digest
             and prev.modality == rec.modality and (out / STUDIES_DIR / prev.key).is_dir()):
         return prev.model_copy(update={**meta, "channels": rec.channels}), False
-    vol = read_image(rec.image_paths, max_voxels=max_voxels, max_bytes=max_bytes,
-                     modality=rec.modality, channels=rec.channels)
+    with header_meta(rec.meta.get("header")):  # metadata for what NIfTI headers lack
+        vol = read_image(rec.image_paths, max_voxels=max_voxels, max_bytes=max_bytes,
+                         modality=rec.modality, channels=rec.channels)
     mask_arr = None
     if rec.mask is not None:
         mask = read_mask(rec.mask, max_voxels=max_voxels, max_bytes=max_bytes)
