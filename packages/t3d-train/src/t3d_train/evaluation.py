@@ -41,13 +41,17 @@ def note(accelerator: Any, message: str) -> None:
 
 
 def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
-             write: bool = True, per_study: bool = False, progress: bool = False) -> dict[str, Any]:
+             write: bool = True, per_study: bool = False, progress: bool = False,
+             prompts: dict[str, dict[str, list[str]]] | None = None) -> dict[str, Any]:
     """Run the evaluation; ``model`` (a T3DModel) skips loading ``cfg.model``.
 
     ``per_study=True`` adds ``"per_study": {"study_ids", "group", "v2r_rank", "r2v_rank"}``
     (report group id and the 1-based rank of each study's best correct answer, as in
-    ``retrieval_metrics``), e.g. for a bootstrap over test studies. ``progress=True`` shows a
-    tqdm bar of the embedded studies on the main process.
+    ``retrieval_metrics``), e.g. for a bootstrap over test studies, and, when zero-shot is
+    scored, ``"zero_shot": {"findings", "scores", "labels"}`` (``(M, F)``, NaN = unknown).
+    ``progress=True`` shows a tqdm bar of the embedded studies on the main process.
+    ``prompts`` (``{finding: {"positive": [...], "negative": [...]}}``, findings of the store)
+    replaces the provider's zero-shot prompts (the benchmark suites' fixed prompt sets).
     """
     check_inputs(cfg)  # before torch / transformers are imported
     # the dataset's own tasks (prompts, report twins); a findings sidecar implies the phantom's
@@ -119,13 +123,18 @@ def evaluate(cfg: EvaluateConfig, model: Any = None, accelerator: Any = None,
     elif cfg.twins_per_study > 0:
         note(accelerator, f"no report twins for {cfg.store} ({why_not(tasks, 'twins')}); "
                           "twin accuracy skipped")
-    prompts = tasks.prompts_for(dataset.finding_names) if tasks is not None else {}
+    if prompts is None:
+        prompts = tasks.prompts_for(dataset.finding_names) if tasks is not None else {}
     if prompts:
         names = list(prompts)
         finding_index = [dataset.finding_names.index(n) for n in names]
         scores = ev.zero_shot_scores(emb["volume_emb"], text, prompts,
                                      temperature=cfg.zero_shot_temperature)
         results["zero_shot_auc"] = ev.zero_shot_auc(scores, emb["labels"][:, finding_index], names)
+        if per_study:
+            results["per_study"]["zero_shot"] = {
+                "findings": names, "scores": scores.tolist(),
+                "labels": emb["labels"][:, finding_index].tolist()}
     else:
         note(accelerator, f"no zero-shot prompts for the findings of {cfg.store} "
                           f"({why_not(tasks, 'zero_shot_prompts')}); zero-shot AUC skipped")
