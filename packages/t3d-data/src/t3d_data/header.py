@@ -9,16 +9,18 @@ the manifest as ``meta["header"]`` (see docs/datasets.md); ``prepare`` reads eac
 :func:`header_fallback`, the one place where that happens (outside such a block nothing
 changes):
 
-- **scaling**: the metadata's slope/intercept replace the header's only when the header has
-  none (``scl_slope`` 0 or NaN, which nibabel reads as "no scaling"); a file whose header does
-  carry scaling (e.g. one re-written with the values filled in) keeps it, so HU are never
-  scaled twice;
-- **geometry**: the metadata's spacing and DICOM orientation/position replace the header's
-  affine only when the header has none (``qform_code`` and ``sform_code`` 0) or its voxel
-  sizes disagree with the metadata's spacing (more than 1e-3 mm). Array axis 0 runs along the
-  DICOM row direction (``ImageOrientationPatient[:3]``), axis 1 along the column direction,
-  axis 2 along their cross product (as ``download_scripts/fix_metadata.py`` of CT-RATE sets
-  them); missing orientation means axial ``[1, 0, 0, 0, 1, 0]``, missing position the origin.
+- **which files**: the metadata applies to a file whose header has no geometry of its own:
+  ``qform_code`` and ``sform_code`` both 0, or voxel sizes that disagree with the metadata's
+  spacing (by more than 1e-3 mm). A header whose voxel sizes match the metadata is complete (a
+  file re-written with the values filled in, as CT-RATE's ``download_scripts/fix_metadata.py``
+  does) and is read as it is, so HU are never scaled twice. Without a spacing in the metadata,
+  only the scaling rule below decides;
+- **scaling**: the metadata's slope/intercept replace the header's unless the header carries a
+  non-trivial one (``scl_slope`` not 0/NaN, and not exactly slope 1 with intercept 0);
+- **geometry**: the metadata's spacing and DICOM orientation/position give the affine. Array
+  axis 0 runs along the DICOM row direction (``ImageOrientationPatient[:3]``), axis 1 along the
+  column direction, axis 2 along their cross product (as ``fix_metadata.py`` sets them);
+  missing orientation means axial ``[1, 0, 0, 0, 1, 0]``, missing position the origin.
   DICOM LPS is converted to the RAS affine the readers use.
 """
 
@@ -82,6 +84,20 @@ def _affine(meta: HeaderMeta) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+def _raw_header(path: str | Path, loaded: Any) -> Any:
+    """The header as stored: nibabel's loaded ``img.header`` has ``scl_slope``/``scl_inter``
+    reset to NaN (the scaling moves to the data proxy), so read the file's own header."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            return type(loaded).from_fileobj(f) if hasattr(loaded, "from_fileobj") else \
+                nib.Nifti1Header.from_fileobj(f)
+    except Exception as err:  # nibabel raises many types on broken headers
+        raise VolumeReadError(f"{path}: cannot read NIfTI header ({err}); re-export it") from err
+
+
 def header_fallback(path: str | Path, header: Any, slope: float, inter: float,
                     affine: np.ndarray, meta: Mapping[str, Any] | None = None
                     ) -> tuple[float, float, np.ndarray]:
@@ -109,14 +125,17 @@ def header_fallback(path: str | Path, header: Any, slope: float, inter: float,
         field = ".".join(str(p) for p in first["loc"]) or "<header>"
         raise VolumeReadError(f"{path}: manifest meta.header.{field}: {first['msg']}; fix the "
                               "importer's metadata (see docs/datasets.md)") from None
-    raw_slope = float(header["scl_slope"])
-    if (m.rescale_slope is not None or m.rescale_intercept is not None) and (
-            raw_slope == 0 or math.isnan(raw_slope)):
+    header = _raw_header(path, header)
+    raw_slope, raw_inter = float(header["scl_slope"]), float(header["scl_inter"])
+    explicit = not (raw_slope == 0 or math.isnan(raw_slope)) and not (
+        raw_slope == 1 and (raw_inter == 0 or math.isnan(raw_inter)))
+    if m.spacing is not None:
+        no_codes = int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0
+        zooms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+        if not (no_codes or not np.allclose(zooms, m.spacing, atol=1e-3)):
+            return slope, inter, affine  # a complete header: read the file as it is
+        affine = _affine(m)
+    if not explicit and (m.rescale_slope is not None or m.rescale_intercept is not None):
         slope = m.rescale_slope if m.rescale_slope is not None else 1.0
         inter = m.rescale_intercept if m.rescale_intercept is not None else 0.0
-    if m.spacing is not None:
-        no_affine = int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0
-        zooms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-        if no_affine or not np.allclose(zooms, m.spacing, atol=1e-3):
-            affine = _affine(m)
     return slope, inter, affine

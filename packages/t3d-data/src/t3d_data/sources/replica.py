@@ -6,8 +6,9 @@ synthetic volumes. Nothing is copied from any dataset: volumes are random ellips
 are template sentences. Each replica also contains the pitfalls its importer must handle:
 
 - ``ct-rate``: NIfTI headers without rescale slope/intercept or geometry (stored values are
-  HU + 1024; the metadata CSV has ``RescaleIntercept`` -1024 and the spacing), except one
-  volume written with a complete header (as CT-RATE's ``fix_metadata.py`` leaves it); patient
+  HU + 1024; the metadata CSV has ``RescaleIntercept`` -1024 and the spacing), except the last
+  train patient's volume, re-written with a complete header and HU values (as CT-RATE's
+  ``download_scripts/fix_metadata.py`` leaves a file), which must not be shifted again; patient
   numbers that repeat across the official splits (``train_1`` and ``valid_1``); a scan with two
   reconstructions; an empty ``Impressions_EN``;
 - ``bimcv-r``: Spanish reports with English translations, a patient with two sessions;
@@ -43,15 +44,13 @@ def _body(shape: Sequence[int], rng: np.random.Generator, air: float = -1000.0,
     return np.where(inside, tissue, air) + rng.normal(0, 8, tuple(shape))
 
 
-def _save(path: Path, array: np.ndarray, affine: np.ndarray | None, *,
-          slope: float | None = None, inter: float | None = None) -> Path:
+def _save(path: Path, array: np.ndarray, affine: np.ndarray | None) -> Path:
+    """Writes a NIfTI file; ``affine=None`` leaves the header without geometry (codes 0)."""
     import nibabel as nib
 
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(array, affine)
     img.header.set_data_dtype(array.dtype)
-    if slope is not None:
-        img.header.set_slope_inter(slope, inter)
     nib.save(img, str(path))
     return path
 
@@ -83,14 +82,13 @@ def _ct_rate(root: Path, n: int, rng: np.random.Generator, shape: Sequence[int])
                 path = data / folder / f"{split}_{p}" / f"{split}_{p}_a" / name
                 xy, z = 0.75 + 0.05 * p, 1.5
                 origin = [-100.0 - p, -120.0, -300.0 + r]
-                fixed = split == "train" and p == n_patients  # complete header, as after the fix
-                if fixed:
+                if split == "train" and p == n_patients:
+                    # re-written as fix_metadata.py does: int16 HU, spacing/origin/direction
                     lps = np.diag([xy, xy, z, 1.0])
                     lps[:3, 3] = origin
-                    _save(path, stored, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps,
-                          slope=1.0, inter=-1024.0)
+                    _save(path, hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
                 else:
-                    _save(path, stored, None)  # blank header: no scaling, no geometry
+                    _save(path, stored, None)  # as distributed: no geometry, no scaling
                 meta_rows.append([name, "SYNTHETIC", "CHEST", "M", "060Y", f"[{xy}, {xy}]",
                                   shape[1], shape[0], z, -1024, 1, shape[2], str(origin),
                                   "[1, 0, 0, 0, 1, 0]"])
