@@ -2,11 +2,12 @@
 ``file://`` copy of a store read exactly what the local fast path reads."""
 
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
-from t3d_data import CropConfig, CropDataset, StoreError, VolumeStore, prepare
+from t3d_data import CropConfig, CropDataset, DataConfig, StoreError, VolumeStore, prepare
 
 
 @pytest.fixture
@@ -50,11 +51,17 @@ def test_memory_and_file_urls_read_what_the_local_store_reads(tmp_path, make_dat
             assert np.array_equal(store.read(0, box), ref.read(0, box)), (url, box)
     # training crops: the same draws from the memory copy as from the local folder
     config = CropConfig(crop_size=(32, 32, 32), num_crops=2, seed=3)
-    remote = CropDataset(VolumeStore(memory_copy(local)), config)
+    remote = CropDataset(memory_copy(local), config)  # the URL itself, as a config gives it
     here = CropDataset(ref, config)
     for i in range(len(ref)):
         a, b = remote[i], here[i]
         assert np.array_equal(np.asarray(a["crops"]), np.asarray(b["crops"])), i
+
+
+def test_a_training_config_keeps_a_url_a_url():
+    assert DataConfig(store="s3://bucket/t3d/store").store == "s3://bucket/t3d/store"
+    assert DataConfig(store="data/store").store == Path("data/store")
+    assert DataConfig(store=Path("/x")).store == Path("/x")
 
 
 def test_a_url_without_a_store_names_the_fix():

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
 from t3d_data.crops import INTENSITY_POLICIES, CropConfig, RandCropSampler, apply_intensity
 from t3d_data.errors import StoreError, StudyLoadError
-from t3d_data.store import VolumeStore
+from t3d_data.store import VolumeStore, _is_url
 
 __all__ = ["CropDataset", "DataConfig", "VolumeDataset", "build_crop_loader", "collate_crops"]
 
@@ -213,7 +213,8 @@ class DataConfig(BaseModel):
     """Data settings of a training run (composed by the tools from YAML).
 
     Attributes:
-        store: prepared store folder.
+        store: prepared store folder, or the fsspec URL of one (``s3://bucket/store``: kept as
+            a string; see :class:`VolumeStore`).
         split: split to train on (``None``: all studies).
         max_studies: train on the first N studies of the split only (``None``: all); for quick
             demos and overfitting checks.
@@ -228,7 +229,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store: Path
+    store: Path | str
     split: str | None = "train"
     max_studies: int | None = Field(None, ge=1)
     crop: CropConfig = CropConfig()
@@ -238,6 +239,12 @@ class DataConfig(BaseModel):
     drop_last: bool = True
     pin_memory: bool = False
     prefetch_factor: int = Field(2, ge=1)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """A URL stays a string (``Path`` would fold ``s3://`` into ``s3:/``); else a path."""
+        return value if _is_url(value) else Path(value) if isinstance(value, str) else value
 
 
 def build_crop_loader(config: DataConfig, epoch: int = 0) -> DataLoader:

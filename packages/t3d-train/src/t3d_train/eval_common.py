@@ -49,7 +49,9 @@ def parse_config(model: type[M], argv: list[str] | None, description: str,
     return load_config(model, args.config, overrides, defaults=defaults)
 
 
-def check_store(store: Path) -> None:
+def check_store(store: Path | str) -> None:
+    if isinstance(store, str) and "://" in store:  # object storage: VolumeStore checks it
+        return
     store = Path(store)
     if not store.exists():
         raise ConfigError(f"store: {store} does not exist; pass the folder written by "
