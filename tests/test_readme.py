@@ -42,6 +42,9 @@ RUN: dict[str, list[str]] = {
     "uv run t3d-data demo runs/demo-data --studies 96 --shape 96 96 96": SMALL_DEMO,
     "uv run t3d-data validate my_ct/studies.jsonl": [],  # on the README's own example manifest
     "uv run t3d-data prepare my_ct/studies.jsonl my_ct/store": [],
+    # on a synthetic replica of CT-RATE's layout (t3d_data.sources.replica), written first
+    "uv run t3d-data import ct-rate downloads/CT-RATE -o data/ct-rate/manifest.jsonl": [],
+    "uv run t3d-data prepare data/ct-rate/manifest.jsonl data/ct-rate/store": [],
 }
 
 # Commands not run here (regular expressions matched against the whole command), and why.
@@ -198,6 +201,9 @@ def ran(tmp_path_factory) -> dict[str, object]:
     for name in ("tools", "packages"):
         (work / name).symlink_to(ROOT / name, target_is_directory=True)
     _make_my_ct(work)
+    from t3d_data.sources.replica import write_replica
+
+    write_replica("ct-rate", work / "downloads" / "CT-RATE", n=3, shape=(32, 32, 24))
     commands = readme_commands()
     done, outputs, stores_before = [], {}, {}
     for command in commands:
@@ -219,10 +225,13 @@ def test_cheap_commands_run_verbatim_in_readme_order(ran):
     assert ran["done"] == [c for c in readme_commands() if c in RUN]
     work = ran["work"]
     assert (work / "data" / "phantom" / "manifest.jsonl").is_file()
-    for store in ("data/store", "data/demo/store", "runs/demo-data/store", "my_ct/store"):
+    for store in ("data/store", "data/demo/store", "runs/demo-data/store", "my_ct/store",
+                  "data/ct-rate/store"):
         assert (work / store / "index.json").is_file(), store
     out = ran["outputs"]["uv run t3d-data prepare my_ct/studies.jsonl my_ct/store"]
     assert "0 quarantined" in out, out  # every study of the README's example manifest, DICOM too
+    out = ran["outputs"]["uv run t3d-data import ct-rate downloads/CT-RATE -o data/ct-rate/manifest.jsonl"]
+    assert "0 bad rows" in out and (work / "data/ct-rate/manifest.prompts.json").is_file(), out
     # the README says data/ is gitignored: it is
     assert "/data/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
 

@@ -154,3 +154,13 @@ def test_model_push_to_hub_saves_then_uploads(tiny_model, monkeypatch):
     assert tiny_model.push_to_hub("my-lab/t3d-tiny", card={"steps": 11}) == "my-lab/t3d-tiny"
     assert seen["files"] == ["README.md", "config.json", "model.safetensors", "text_encoder"]
     assert "- steps: 11" in seen["card"]
+
+
+def test_card_names_the_report_languages():
+    cfg = T3DModelConfig.from_preset("t3d-base-mbert")
+    text = model_card(cfg, {"steps": 5, "data": "bimcv-r store", "languages": ["es", "en"]})
+    card = ModelCard(text)
+    assert card.data.to_dict()["language"] == ["es", "en"]
+    assert "- report language(s): `es`, `en`" in card.text
+    assert "google-bert/bert-base-multilingual-cased" in card.text
+    assert "- report language(s): not recorded" in model_card(cfg, {"steps": 5})

@@ -14,7 +14,7 @@ def test_list_presets_does_not_import_monai_or_transformers():
         "print(sorted(names), 'monai' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
-    assert out.stdout.strip() == "['t3d-base', 't3d-tiny-cpu'] False False"
+    assert out.stdout.strip() == "['t3d-base', 't3d-base-mbert', 't3d-tiny-cpu'] False False"
 
 
 def test_tiny_preset_contents():
@@ -33,6 +33,14 @@ def test_base_preset_contents():
     assert cfg.vision.crop_size == (96, 96, 96)
     assert cfg.text.model_name_or_path == "StanfordAIMI/RadBERT"
     assert cfg.embed_dim == 256
+
+
+def test_multilingual_preset_is_t3d_base_with_a_multilingual_encoder():
+    base, mbert = load_preset("t3d-base"), load_preset("t3d-base-mbert")
+    assert mbert["text"]["model_name_or_path"] == "google-bert/bert-base-multilingual-cased"
+    for d in (base, mbert):
+        d.pop("name"), d["text"].pop("model_name_or_path")
+    assert mbert == base  # only the text encoder differs
 
 
 def test_presets_round_trip_through_json():

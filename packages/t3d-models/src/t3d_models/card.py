@@ -72,6 +72,9 @@ class CardFacts(BaseModel):
             ``(formula, value)`` pair such as ``("log(7)", 1.9459)``.
         metrics_command: the command that measured ``metrics`` (default: ``command``).
         notes: free text appended to the card.
+        languages: language tags of the pre-training reports (BCP-47, e.g. ``["es"]``; the
+            manifest's ``language`` field, kept in the store), shown under *Pre-training* and
+            as the front matter's ``language``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +86,7 @@ class CardFacts(BaseModel):
     chance: dict[str, float | int | str | tuple[str, float]] = Field(default_factory=dict)
     metrics_command: str | None = None
     notes: str | None = None
+    languages: list[str] | None = None
 
     @field_validator("command", "metrics_command", mode="before")
     @classmethod
@@ -151,6 +155,8 @@ def _training_section(facts: CardFacts) -> str:
         return "\n".join(out)
     out.append(f"- steps: {facts.steps if facts.steps is not None else 'not recorded'}")
     out.append(f"- data: {facts.data if facts.data is not None else 'not recorded'}")
+    out.append("- report language(s): " + (", ".join(f"`{x}`" for x in facts.languages)
+                                            if facts.languages else "not recorded"))
     if facts.command:
         out.append(f"- command:\n\n  ```bash\n  {facts.command}\n  ```")
     return "\n".join(out) + "\n"
@@ -209,6 +215,7 @@ def model_card(config: T3DModelConfig, card: CardFacts | dict | None = None,
     base = _text_hub_id(config)
     front = _front_matter("t3d-models", {
         "pipeline_tag": "feature-extraction",
+        **({"language": list(facts.languages)} if facts.languages else {}),
         "t3d": {"preset": config.name, "t3d_models_version": __version__,
                 "preprocessing": record, **({"steps": facts.steps} if facts.steps is not None else {})},
     }, base_model=base)

@@ -174,13 +174,17 @@ CARD_NOTES = ("Metrics are the training losses averaged over the last logged ste
 
 def write_run_card(cfg: Any, summary: dict[str, Any], command: list[str]) -> Path:
     """Main process, after ``summary.json``: rewrite ``RUN/model/README.md`` (the model card,
-    :func:`t3d_models.write_model_card`) with the run's steps, store, ``command``, the final
-    training losses and their chance values; returns its path."""
+    :func:`t3d_models.write_model_card`) with the run's steps, store, the store's report
+    languages, ``command``, the final training losses and their chance values; returns its
+    path."""
+    from t3d_data import VolumeStore
     from t3d_models import write_model_card
 
+    languages = sorted({r.language for r in VolumeStore(cfg.data.store).records})
     return write_model_card(cfg.run.output_dir / "model", card={
         "steps": summary["steps"], "data": str(cfg.data.store), "command": command,
-        "metrics": summary["loss_end"], "chance": summary["loss_chance"], "notes": CARD_NOTES})
+        "metrics": summary["loss_end"], "chance": summary["loss_chance"], "notes": CARD_NOTES,
+        "languages": languages})
 
 
 class StopFlag:
