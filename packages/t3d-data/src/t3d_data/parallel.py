@@ -68,8 +68,8 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    # workers fork from a server that has imported the study reader/writer once
-    ctx.set_forkserver_preload(["t3d_data.store"])
+    # workers fork from a server that has imported the study reader/writer (and zarr) once
+    ctx.set_forkserver_preload(["t3d_data.store", "zarr", "zarr.codecs"])
     return ctx
 
 
