@@ -69,7 +69,9 @@ class DecoderConfig(_Strict):
             be loaded (offline, no weights in the folder) the decoder is built from its config
             with random weights and a warning says so.
         tokenizer: tokenizer hub id / folder; ``None``: the decoder's own; ``"minilm"``: the
-            packaged all-MiniLM-L6-v2 tokenizer (works offline).
+            packaged all-MiniLM-L6-v2 tokenizer (works offline); ``"words"``: a word-level
+            tokenizer built from the training reports (:func:`word_tokenizer`; a small output
+            layer for a small domain vocabulary such as the phantom's, saved with the model).
         max_length: report tokens kept for training (longer reports are truncated).
     """
 
@@ -214,6 +216,31 @@ class VisualResampler(nn.Module):
         return self.out(q)
 
 
+WORDS = "words"
+_WORD_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]",
+                  "eos_token": "[EOS]"}
+
+
+def word_tokenizer(texts: list[str], min_frequency: int = 1) -> Any:
+    """A lower-case word-level tokenizer (words and punctuation) fitted on ``texts``.
+
+    Built with the ``tokenizers`` library (``WordLevel`` model, ``Whitespace`` pre-tokenizer)
+    and wrapped as a ``transformers.PreTrainedTokenizerFast`` with ``[PAD] [UNK] [BOS] [EOS]``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not texts:
+        raise ValueError("a word-level tokenizer needs training reports; none were given")
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins with spaces, tidies "x ."
+    tok.train_from_iterator(list(texts), trainers.WordLevelTrainer(
+        special_tokens=list(_WORD_SPECIALS.values()), min_frequency=min_frequency))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **_WORD_SPECIALS)
+
+
 def _load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -223,10 +250,11 @@ def _load_tokenizer(name: str) -> Any:
                                          else name)
 
 
-def build_decoder(config: DecoderConfig, source: str | os.PathLike | None = None
-                  ) -> tuple[nn.Module, Any]:
+def build_decoder(config: DecoderConfig, source: str | os.PathLike | None = None,
+                  texts: list[str] | None = None) -> tuple[nn.Module, Any]:
     """``(causal LM, tokenizer)`` of ``config``; ``source`` (a saved ``decoder/`` folder) rebuilds
-    the architecture and tokenizer from it with random weights (the caller loads the weights).
+    the architecture and tokenizer from it with random weights (the caller loads the weights);
+    ``texts``: the training reports of a ``"words"`` tokenizer.
 
     Raises:
         ValueError: the decoder or tokenizer cannot be found (names the field and the fix).
@@ -237,6 +265,8 @@ def build_decoder(config: DecoderConfig, source: str | os.PathLike | None = None
     try:
         if source is not None:
             tokenizer = _load_tokenizer(str(source))
+        elif (config.tokenizer or "").lower() == WORDS:
+            tokenizer = word_tokenizer(texts or [])
         else:
             tokenizer = _load_tokenizer(config.tokenizer or name)  # type: ignore[arg-type]
     except (OSError, ValueError) as err:
@@ -292,6 +322,7 @@ class ReportGenerator(nn.Module):
         vision: a :class:`~t3d_models.vision.SwinUNETRBackbone` (e.g. ``T3DModel.vision`` of a
             pre-trained checkpoint); ``None`` builds one from ``config.vision`` (random weights).
         decoder_source: rebuild the decoder from this saved folder (used by :meth:`from_pretrained`).
+        reports: training reports, for a ``"words"`` tokenizer.
 
     Example:
         >>> cfg = ReportGeneratorConfig(vision=VisionConfig(feature_size=12, window_size=4,
@@ -301,10 +332,11 @@ class ReportGenerator(nn.Module):
     """
 
     def __init__(self, config: ReportGeneratorConfig, vision: nn.Module | None = None,
-                 decoder_source: str | os.PathLike | None = None) -> None:
+                 decoder_source: str | os.PathLike | None = None,
+                 reports: list[str] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.decoder, self.tokenizer = build_decoder(config.decoder, decoder_source)
+        self.decoder, self.tokenizer = build_decoder(config.decoder, decoder_source, reports)
         if vision is None:
             from .vision import SwinUNETRBackbone
 
@@ -506,7 +538,8 @@ class ReportGenerator(nn.Module):
         return model
 
     @classmethod
-    def from_t3d(cls, t3d_model: Any, config: ReportGeneratorConfig) -> ReportGenerator:
+    def from_t3d(cls, t3d_model: Any, config: ReportGeneratorConfig,
+                 reports: list[str] | None = None) -> ReportGenerator:
         """A generator on the vision tower of a :class:`~t3d_models.T3DModel` (its restoration
         decoder, text tower and heads are not kept); vision and preprocessing config copied."""
         config = config.model_copy(update={"vision": t3d_model.config.vision,
@@ -519,7 +552,7 @@ class ReportGenerator(nn.Module):
                 if hasattr(vision.swin, name):
                     delattr(vision.swin, name)
             vision.restoration = False
-        return cls(config, vision=vision)
+        return cls(config, vision=vision, reports=reports)
 
 
 def _atomic_text(path: Path, text: str) -> None:
