@@ -39,6 +39,10 @@ RUN: dict[str, list[str]] = {
     "uv run t3d-data validate data/phantom/manifest.jsonl": [],
     "uv run t3d-data prepare data/phantom/manifest.jsonl data/store": [],
     "uv run t3d-data demo data/demo": SMALL_DEMO,
+    "uv run t3d-data prepare data/phantom/manifest.jsonl data/store-pool --workers 2": [],
+    "uv run t3d-data prepare data/phantom/manifest.jsonl data/store-sharded --shard 0/2": [],
+    "uv run t3d-data prepare data/phantom/manifest.jsonl data/store-sharded --shard 1/2": [],
+    "uv run t3d-data index data/store-sharded": [],
     "uv run t3d-data demo runs/demo-data --studies 96 --shape 96 96 96": SMALL_DEMO,
     "uv run t3d-data validate my_ct/studies.jsonl": [],  # on the README's own example manifest
     "uv run t3d-data prepare my_ct/studies.jsonl my_ct/store": [],
@@ -76,6 +80,10 @@ NOT_RUN: dict[str, str] = {
     r"uv run python tools/run_benchmark\.py --preset (cpu|gpu)-evidence\b.*":
         "hours on CPU / a GPU; sizes: tests/test_eval_tools.py::test_evidence_presets_meet_the_issue_sizes",
     r"uv run python tools/bench_(data|models|pretrain)\.py.*": "benchmarks (minutes; numbers in docs/performance.md); --help run here",
+    r"MANIFEST=\S+ STORE=\S+ SHARDS=16 tools/slurm/prepare_store\.sh":
+        "needs Slurm: tests/test_slurm_templates.py::test_sharded_prepare_array_then_dependent_index_job",
+    r"sbatch --nodes=4 tools/slurm/pretrain_multinode\.sbatch":
+        "needs Slurm and GPUs: tests/test_slurm_templates.py::test_multinode_pretrain_launches_one_process_per_gpu_with_slurm_rendezvous",
 }
 
 
@@ -230,6 +238,9 @@ def test_cheap_commands_run_verbatim_in_readme_order(ran):
         assert (work / store / "index.json").is_file(), store
     out = ran["outputs"]["uv run t3d-data prepare my_ct/studies.jsonl my_ct/store"]
     assert "0 quarantined" in out, out  # every study of the README's example manifest, DICOM too
+    # the pool and the merged shards wrote the store one process wrote
+    for store in ("data/store-pool", "data/store-sharded"):
+        assert (work / store / "index.json").read_bytes() == (work / "data/store/index.json").read_bytes()
     out = ran["outputs"]["uv run t3d-data import ct-rate downloads/CT-RATE -o data/ct-rate/manifest.jsonl"]
     assert "0 bad rows" in out and (work / "data/ct-rate/manifest.prompts.json").is_file(), out
     # the README says data/ is gitignored: it is
