@@ -324,3 +324,17 @@ def test_overlays_have_a_legend_and_leave_air_outside_the_body_unpainted():
     plain = overlay_figure(image, label, pred, n_slices=1, air_threshold=None)
     assert not plain.axes[2].get_images()[1].get_array().mask[0, 0]
     assert [t.get_text() for t in plain.legends[0].get_texts()] == ["1 class_1", "2 class_2"]
+
+
+def test_t3d_data_zscore_is_monai_normalize_intensity_nonzero_channel_wise():
+    """The MRI policy of t3d_data (numpy, no MONAI import there) is MONAI's transform."""
+    from monai.transforms import NormalizeIntensity
+    from t3d_data import zscore_foreground
+
+    gen = np.random.default_rng(5)
+    image = gen.normal(200, 50, (4, 9, 8, 7)).astype(np.float32)
+    image[:, :3] = 0  # background
+    image[1, 5:] = 0
+    image[3] = 0  # no foreground at all
+    ref = NormalizeIntensity(nonzero=True, channel_wise=True)(image.copy())
+    np.testing.assert_allclose(zscore_foreground(image), np.asarray(ref), atol=1e-5)

@@ -72,7 +72,7 @@ def _roi(roi_size: Sequence[int] | int) -> tuple[int, int, int]:
 def _check_study(
     i: int, study: dict[str, Any], image_key: str = "image", label_key: str = "label"
 ) -> tuple[Tensor, Tensor]:
-    """Return ``(image float, label long)``, both ``(1, X, Y, Z)``, or raise naming the study."""
+    """Return ``(image float (C, X, Y, Z), label long (1, X, Y, Z))``, or raise naming the study."""
     for key in (image_key, label_key):
         if key not in study:
             raise ValueError(
@@ -80,11 +80,12 @@ def _check_study(
                 f"has {sorted(study)}"
             )
         shape = tuple(study[key].shape)
-        if len(shape) != 4 or shape[0] != 1:
-            raise ValueError(f"study {i}: {key!r} must have shape (1, X, Y, Z); got {shape}")
+        lead = "C" if key == image_key else "1"
+        if len(shape) != 4 or (key == label_key and shape[0] != 1) or shape[0] < 1:
+            raise ValueError(f"study {i}: {key!r} must have shape ({lead}, X, Y, Z); got {shape}")
     image = torch.as_tensor(study[image_key]).float()
     label = torch.as_tensor(study[label_key]).long()
-    if image.shape != label.shape:
+    if image.shape[1:] != label.shape[1:]:
         raise ValueError(
             f"study {i}: {image_key!r} {tuple(image.shape)} and {label_key!r} "
             f"{tuple(label.shape)} differ"
@@ -132,9 +133,10 @@ def finetune_segmentation(
     the same one.
 
     Args:
-        model: ``(B, 1, *roi) -> (B, num_classes, *roi)`` logits (e.g. MONAI ``SwinUNETR``).
-        train_data: dicts with ``"image"`` float ``(1, X, Y, Z)`` and ``"label"`` int
-            ``(1, X, Y, Z)`` (class indices ``0..num_classes-1``).
+        model: ``(B, C, *roi) -> (B, num_classes, *roi)`` logits (e.g. MONAI ``SwinUNETR``).
+        train_data: dicts with ``"image"`` float ``(C, X, Y, Z)`` (C channels, e.g. 1 for CT,
+            4 for BraTS) and ``"label"`` int ``(1, X, Y, Z)`` (class indices
+            ``0..num_classes-1``).
         roi_size: training crop size.
         num_classes: output channels, background included.
         steps: optimizer steps.
@@ -226,8 +228,8 @@ def predict_segmentation(
     """Label map of a whole volume by sliding-window inference (air padding, cropped back).
 
     Args:
-        model: ``(B, 1, *roi) -> (B, C, *roi)`` logits.
-        image: ``(1, X, Y, Z)`` float.
+        model: ``(B, C_in, *roi) -> (B, C, *roi)`` logits.
+        image: ``(C_in, X, Y, Z)`` float.
         roi_size: window size.
         sw_batch_size: windows per forward pass.
         overlap: window overlap in ``[0, 1)``.
@@ -239,8 +241,8 @@ def predict_segmentation(
     roi = _roi(roi_size)
     device = torch.device(device) if device is not None else _device_of(model)
     x = torch.as_tensor(image).float()
-    if x.ndim != 4 or x.shape[0] != 1:
-        raise ValueError(f"image must have shape (1, X, Y, Z); got {tuple(x.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"image must have shape (C, X, Y, Z); got {tuple(x.shape)}")
     was_training = getattr(model, "training", False)
     if isinstance(model, nn.Module):
         model.eval()
@@ -287,8 +289,8 @@ def evaluate_segmentation(
     volume's label is left out of that class's mean (NaN if absent everywhere).
 
     Args:
-        model: ``(B, 1, *roi) -> (B, num_classes, *roi)`` logits.
-        volumes: dicts with ``"image"`` ``(1, X, Y, Z)`` and ``"label"`` ``(1, X, Y, Z)``.
+        model: ``(B, C, *roi) -> (B, num_classes, *roi)`` logits.
+        volumes: dicts with ``"image"`` ``(C, X, Y, Z)`` and ``"label"`` ``(1, X, Y, Z)``.
         roi_size: sliding-window size.
         num_classes: classes, background included.
         class_names: names of the ``num_classes - 1`` foreground classes.

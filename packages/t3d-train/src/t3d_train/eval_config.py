@@ -35,13 +35,17 @@ class ModelSection(BaseModel):
 
     Volumes are windowed with the checkpoint's recorded preprocessing (``config.json`` →
     ``preprocessing``). ``hu_window`` may repeat it; a different window is an error unless
-    ``force_preprocessing`` is true (see t3d_train/preprocessing.py).
+    ``force_preprocessing`` is true (see t3d_train/preprocessing.py). ``intensity`` likewise
+    repeats the recorded policy (``hu_window_linear`` or ``zscore_foreground``); fine-tuning
+    (finetune_seg) may set another one, e.g. ``zscore_foreground`` for MRI from a CT
+    checkpoint, and then records it in its results.
     """
 
     model_config = _STRICT
     checkpoint: Path | None = None
     preset: str = "t3d-tiny-cpu"
     hu_window: tuple[float, float] | None = None
+    intensity: Literal["hu_window_linear", "zscore_foreground"] | None = None
     force_preprocessing: bool = False
 
 
@@ -126,12 +130,31 @@ class ClassifyConfig(BaseModel):
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
 
+#: Dataset presets of ``finetune_seg --dataset NAME``: the fields a preset fills when they are
+#: not given. BraTS: the three disjoint tumour labels NCR (1), ED (2, SNFH in 2023+) and ET (3
+#: in BraTS 2023+, 4 in 2021; both are mapped), scored as classes (not the overlapping TC/WT/ET
+#: regions); per-channel z-score of the four sequences; tested on the importer's ``val`` split
+#: (the public BraTS test labels are not released).
+SEG_DATASETS: dict[str, dict] = {
+    "brats": {"classes": {"NCR": [1], "ED": [2], "ET": [3, 4]},
+              "intensity": "zscore_foreground", "test_split": "val", "modality": "MR"},
+}
+
+
 class SegmentationConfig(BaseModel):
     """tools/finetune_seg.py: SwinUNETR from a T3D checkpoint (or scratch), Dice per class."""
 
     model_config = _STRICT
     model: ModelSection = Field(default_factory=ModelSection)
     scratch: bool = False
+    #: A dataset preset (:data:`SEG_DATASETS`, e.g. ``brats``): fills ``classes``,
+    #: ``model.intensity`` and ``test_split`` where they are not given, and checks that the
+    #: store holds that modality.
+    dataset: Literal["brats"] | None = None
+    #: How a 1-channel checkpoint's input kernels meet a multi-channel store (the store's
+    #: channel count decides ``in_channels``): ``repeat`` (W/C per channel: C copies of one
+    #: image give the pre-trained features) or ``average``; see docs/models.md.
+    channel_adapt: Literal["repeat", "average"] = "repeat"
     store: Path
     train_split: str = "train"
     test_split: str = "test"
@@ -173,6 +196,19 @@ class SegmentationConfig(BaseModel):
                     raise ValueError(f"label value {x} is in both {seen[x]!r} and {name!r}")
                 seen[x] = name
         return v
+
+    @model_validator(mode="after")
+    def _dataset_preset(self) -> SegmentationConfig:
+        if self.dataset is None:
+            return self
+        preset = SEG_DATASETS[self.dataset]
+        if self.classes is None:
+            self.classes = {k: list(v) for k, v in preset["classes"].items()}
+        if self.model.intensity is None:
+            self.model.intensity = preset["intensity"]
+        if "test_split" not in self.model_fields_set:
+            self.test_split = preset["test_split"]
+        return self
 
     @model_validator(mode="after")
     def _scratch_needs_architecture(self) -> SegmentationConfig:

@@ -2,6 +2,12 @@
 
 The library side of ``tools/finetune_seg.py`` (and of the benchmark's Dice). Heavy imports
 happen inside the functions.
+
+Multi-channel stores (e.g. BraTS, 4 MRI sequences, ``--dataset brats``): the network gets as
+many input channels as the store's studies have; a 1-channel T3D checkpoint's input kernels
+are adapted (``channel_adapt``, :func:`t3d_models.adapt_input_channels`), the from-scratch arm
+is built with the same channels, and volumes are normalised with the intensity policy the
+fine-tune records (``zscore_foreground`` for MRI, see :mod:`t3d_train.preprocessing`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from typing import Any
 
 from t3d_train.config import ConfigError
 from t3d_train.eval_common import check_inputs, model_config, set_threads, store_tasks
-from t3d_train.eval_config import SegmentationConfig
+from t3d_train.eval_config import SEG_DATASETS, SegmentationConfig
 from t3d_train.preprocessing import resolve_crop_size, resolve_preprocessing
 
 
@@ -40,12 +46,14 @@ def label_lookup(classes: dict[str, list[int]]):
 
 def labelled_studies(store: Path, split: str, lut: Any, limit: int | None = None,
                      progress: bool = False,
-                     hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> list[dict]:
-    """``{"image", "label", "study_id"}`` of the studies of ``split`` that have a mask."""
+                     hu_window: tuple[float, float] = (-1000.0, 1000.0),
+                     intensity: str = "hu_window_linear") -> list[dict]:
+    """``{"image", "label", "study_id"}`` of the studies of ``split`` that have a mask
+    (``image`` ``(C, X, Y, Z)`` under the ``intensity`` policy)."""
     from t3d_data import VolumeDataset
     from tqdm.auto import tqdm
 
-    ds = VolumeDataset(store, split=split, hu_window=hu_window)
+    ds = VolumeDataset(store, split=split, hu_window=hu_window, intensity=intensity)
     out = []
     for i in tqdm(range(len(ds)), desc=f"load {split}", unit="study", disable=not progress):
         if not ds.store.records[ds.indices[i]].has_mask:
@@ -58,19 +66,49 @@ def labelled_studies(store: Path, split: str, lut: Any, limit: int | None = None
     return out
 
 
-def build_network(cfg: SegmentationConfig, num_classes: int, source: Any = None):
-    """SwinUNETR from ``source`` (a T3DModel) / ``cfg.model.checkpoint``, or from scratch."""
+def build_network(cfg: SegmentationConfig, num_classes: int, source: Any = None,
+                  in_channels: int | None = None):
+    """SwinUNETR from ``source`` (a T3DModel) / ``cfg.model.checkpoint``, or from scratch;
+    ``in_channels`` (default: the checkpoint's) adapts the input kernels (``cfg.channel_adapt``)."""
     import torch
     from monai.networks.nets import SwinUNETR
     from t3d_models import build_monai_swinunetr, swinunetr_kwargs
 
     torch.manual_seed(cfg.runtime.seed)
-    if cfg.scratch:
-        config = source.config if source is not None else model_config(cfg.model)
-        return SwinUNETR(out_channels=num_classes, **swinunetr_kwargs(config)), config
-    src = source if source is not None else cfg.model.checkpoint
     config = source.config if source is not None else model_config(cfg.model)
-    return build_monai_swinunetr(src, out_channels=num_classes), config
+    if cfg.scratch:
+        kwargs = swinunetr_kwargs(config)
+        if in_channels is not None:
+            kwargs["in_channels"] = in_channels
+        return SwinUNETR(out_channels=num_classes, **kwargs), config
+    src = source if source is not None else cfg.model.checkpoint
+    return build_monai_swinunetr(src, out_channels=num_classes, in_channels=in_channels,
+                                 channel_adapt=cfg.channel_adapt), config
+
+
+def store_channels(cfg: SegmentationConfig) -> tuple[int, str]:
+    """``(channels, modality)`` of the store's studies in the train and test splits.
+
+    Raises:
+        ConfigError: the studies differ in channels or modality, or the store is not of the
+            modality of ``cfg.dataset``'s preset.
+    """
+    from t3d_data import VolumeStore
+
+    store = VolumeStore(cfg.store)
+    kinds = {(r.n_channels, r.modality) for r in store.records
+             if r.split in (cfg.train_split, cfg.test_split)}
+    if len(kinds) > 1:
+        raise ConfigError(f"store: {cfg.store} mixes studies of different channels/modalities "
+                          f"{sorted(kinds)} in splits {cfg.train_split!r}/{cfg.test_split!r}; "
+                          "prepare one store per kind of image")
+    channels, modality = kinds.pop() if kinds else (1, "CT")
+    want = SEG_DATASETS[cfg.dataset]["modality"] if cfg.dataset is not None else None
+    if want is not None and modality != want:
+        raise ConfigError(f"dataset: {cfg.dataset} expects {want} studies but {cfg.store} holds "
+                          f"{modality} ({channels} channel(s)); prepare the manifest of "
+                          f"`t3d-data import {cfg.dataset} ROOT -o MANIFEST`")
+    return channels, modality
 
 
 def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
@@ -86,22 +124,25 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
     import t3d_eval as ev
     import torch
     from t3d_data.names import safe_filename, safe_join
+    from t3d_eval.segmentation import AIR_THRESHOLD
     from tqdm.auto import tqdm
 
     set_threads(cfg.runtime.threads)
     lut = label_lookup(classes)
     num_classes = len(classes) + 1
-    # the window the encoder was pre-trained on (scratch: the preset's default record)
+    # the window the encoder was pre-trained on (scratch: the preset's default record); a
+    # fine-tune may set a new intensity policy (MRI: zscore_foreground), which it records
     record = source.config if source is not None else model_config(cfg.model)
-    prep = resolve_preprocessing(cfg.model, record)
+    channels, modality = store_channels(cfg)
+    prep = resolve_preprocessing(cfg.model, record, modality=modality, finetune=True)
     train = labelled_studies(cfg.store, cfg.train_split, lut, progress=progress,
-                             hu_window=prep.hu_window)
+                             hu_window=prep.hu_window, intensity=prep.intensity)
     test = labelled_studies(cfg.store, cfg.test_split, lut, cfg.max_test, progress=progress,
-                            hu_window=prep.hu_window)
+                            hu_window=prep.hu_window, intensity=prep.intensity)
     if not train or not test:
         raise ConfigError(f"{len(train)} labelled studies in split {cfg.train_split!r} and "
                           f"{len(test)} in {cfg.test_split!r}; both need masks")
-    net, config = build_network(cfg, num_classes, source)
+    net, config = build_network(cfg, num_classes, source, in_channels=channels)
     roi = resolve_crop_size(cfg.roi_size, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
@@ -126,9 +167,14 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
         "final_loss": losses[-1],
         "init": cfg.init,
         "preprocessing": {**record.preprocessing_record(), **prep.model_dump(mode="json")},
+        "in_channels": channels,
+        "modality": modality,
         "config": {"checkpoint": str(cfg.model.checkpoint), "store": str(cfg.store),
-                   "seed": cfg.runtime.seed, "classes": classes},
+                   "seed": cfg.runtime.seed, "classes": classes, "dataset": cfg.dataset},
     }
+    if channels != config.vision.in_channels and not cfg.scratch:
+        results["channel_adapt"] = {"mode": cfg.channel_adapt,
+                                    "from_channels": config.vision.in_channels}
     if per_study:
         results["per_study"] = {"study_ids": [s["study_id"] for s in test], "dice": rows}
     overlays = []
@@ -139,8 +185,10 @@ def segment(cfg: SegmentationConfig, source: Any = None, write: bool = True,
                                            overlap=cfg.overlap, device=device)
             # study ids are user data: one safe, distinct file name each (t3d_data.names)
             path = safe_join(folder, f"{cfg.stem}_{safe_filename(str(s['study_id']))}.png")
+            # MRI: z-scored brain voxels may be negative; background is exactly 0, not air
+            air = None if prep.intensity == "zscore_foreground" else AIR_THRESHOLD
             overlays.append(ev.save_overlays(s["image"], s["label"], pred, path,
-                                             class_names=names))
+                                             class_names=names, air_threshold=air))
         results["overlays"] = [str(p) for p in overlays]
         json_path, md_path = ev.write_results(results, cfg.out, cfg.stem)
         print(f"wrote {json_path} and {md_path}")
@@ -197,7 +245,8 @@ def summary(cfg: SegmentationConfig, results: dict[str, Any],
                   else ("From-scratch", "T3D-initialised"))
     classes = list(seg_classes(cfg))
     dice = results["dice"]
-    text = (f"{this} SwinUNETR: mean Dice {fmt(dice['mean'])} over {len(classes)} organs on "
+    kind, per = ("organs", "Per organ") if cfg.dataset is None else ("classes", "Per class")
+    text = (f"{this} SwinUNETR: mean Dice {fmt(dice['mean'])} over {len(classes)} {kind} on "
             f"{results['test_studies']} test studies, after {results['steps']} steps on "
             f"{results['train_studies_used']} of {results['train_studies_labelled']} labelled "
             f"training studies ({cfg.label_fraction:.0%} labels; final loss "
@@ -208,7 +257,7 @@ def summary(cfg: SegmentationConfig, results: dict[str, Any],
         a, b = dice.get("mean"), bd.get("mean")
         diff = "n/a" if None in (a, b) or a != a or b != b else f"{a - b:+.3f}"
         text += (f"The {that} arm with the same budget ({path}): mean Dice {fmt(b)}; this run "
-                 f"minus that one: {diff}. Per organ, this run vs the {that} arm: "
+                 f"minus that one: {diff}. {per}, this run vs the {that} arm: "
                  + ", ".join(f"{c} {fmt(dice.get(c))} vs {fmt(bd.get(c))}" for c in classes)
                  + ".")
     else:
@@ -217,7 +266,7 @@ def summary(cfg: SegmentationConfig, results: dict[str, Any],
             command = (f"python tools/finetune_seg.py --checkpoint "
                        f"{cfg.model.checkpoint or 'RUN/model'} --store {cfg.store} --out {cfg.out} "
                        f"--fraction {cfg.label_fraction:g} --steps {cfg.steps}{flag}")
-        text += ("Per organ: " + ", ".join(f"{c} {fmt(dice.get(c))}" for c in classes) + ". "
+        text += (f"{per}: " + ", ".join(f"{c} {fmt(dice.get(c))}" for c in classes) + ". "
                  f"No {that} arm with this budget in {cfg.out} to compare with yet: `{command}` "
                  "runs it, and its summary puts the two side by side (predicting background "
                  "everywhere scores Dice 0).")
