@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from t3d_data.sources.base import BadRow, ImportError_, ImportResult, read_csv_rows
 
@@ -190,7 +191,8 @@ def import_ct_rate(root: str | Path, *, val_fraction: float = 0.1, seed: int = 0
             result.notes.append(f"{labels_path} not found: {split} studies have no labels")
         reports_path = data / reports_csv
         unlabelled: list[str] = []
-        for line, row in read_csv_rows(reports_path, REPORT_COLUMNS):
+        rows = read_csv_rows(reports_path, REPORT_COLUMNS)
+        for line, row in tqdm(rows, desc=f"ct-rate {split}", unit="row", disable=None):
             name = row["VolumeName"]
             ids = parse_volume_name(name)
             if ids is None or ids["official_split"] != split:
