@@ -6,8 +6,16 @@ read per crop, cold (page cache dropped) and warm, for (a) MONAI ``LoadImaged`` 
 ``EnsureChannelFirstd`` + ``ScaleIntensityRanged`` + ``RandSpatialCropSamplesd(num_samples=4)``
 and (b) ``t3d_data.CropDataset`` on the store. Results are documented in docs/performance.md.
 
+With ``--prepare-workers 1 2 ...`` it first measures ``t3d-data prepare`` itself: the same
+manifest prepared into a fresh store with each worker count (alternating, ``--prepare-repeats``
+rounds), reporting volumes/min, MB/s (decoded voxel bytes and .nii.gz bytes), the ratio to 1
+worker in the same run, the peak RSS of one worker, and whether every store is byte-identical to
+the 1-worker store. ``--no-crops`` skips the crop benchmark.
+
 Usage:
     uv run python tools/bench_data.py --workdir /tmp/t3d_bench [--volumes 3] [--passes 2]
+    uv run python tools/bench_data.py --workdir /tmp/t3d_prep --volumes 8 --shape 256 256 200 \
+        --prepare-workers 1 2 4 --no-crops
 """
 
 from __future__ import annotations
@@ -147,6 +155,71 @@ def touched_chunk_bytes(store_dir: Path, samples: int = 400, seed: int = 0) -> t
     return float(np.mean(comp)), float(np.mean(dec))
 
 
+def _store_digests(store: Path) -> dict[str, str]:
+    """sha256 of index.json and of every file of the study folders (not held in memory: the
+    1-worker run's peak RSS is this process's)."""
+    import hashlib
+
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*"))
+            if p.is_file() and (p.name == "index.json" or "studies" in p.parts)}
+
+
+def bench_prepare(manifest: Path, workdir: Path, workers: list[int], repeats: int,
+                  chunk: int) -> None:
+    """Prints the prepare throughput table: each worker count prepares a fresh store."""
+    import shutil
+    import statistics
+
+    import nibabel as nib
+    from t3d_data import prepare
+
+    files = sorted(manifest.parent.glob("*.nii.gz"))
+    decoded = sum(int(np.prod(nib.load(f).shape)) * 2 for f in files)  # int16 voxels
+    gz = sum(f.stat().st_size for f in files)
+    largest = max(int(np.prod(nib.load(f).shape)) * 2 for f in files)
+    times: dict[int, list[float]] = {w: [] for w in workers}
+    rss: dict[int, int] = {}
+    load: dict[int, list[float]] = {w: [] for w in workers}
+    cpu: dict[int, list[float]] = {w: [] for w in workers}
+    same: dict[int, bool] = {}
+    reference = None
+    for r in range(repeats):
+        for w in workers:
+            out = workdir / f"prep-w{w}"
+            shutil.rmtree(out, ignore_errors=True)
+            s = prepare(manifest, out, chunk=chunk, progress=False, workers=w)
+            times[w].append(s.seconds)
+            cpu[w].append(s.cpu_seconds)
+            load[w].append(os.getloadavg()[0])  # how busy the machine was (1-min average)
+            rss[w] = max(rss.get(w, 0), s.peak_rss)
+            print(f"round {r + 1}, {w} worker(s): {s}", flush=True)
+            got = _store_digests(out)
+            if reference is None:
+                reference = got
+            same[w] = same.get(w, True) and got == reference
+    n = len(files)
+    base = statistics.median(times[workers[0]])
+    print()
+    print(f"prepare: {n} volumes, {decoded / n / 2**20:.0f} MiB decoded (int16) and "
+          f"{gz / n / 2**20:.1f} MiB .nii.gz each, chunk {chunk}; median of {repeats} rounds; "
+          f"{os.cpu_count()} CPUs")
+    print()
+    print(f"| workers | s | volumes/min | MB/s decoded | MB/s .nii.gz | vs {workers[0]} worker(s) "
+          "| CPU s / volume | peak RSS / worker | load avg | store identical |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for w in workers:
+        t = statistics.median(times[w])
+        print(f"| {w} | {t:.1f} | {n / t * 60:.1f} | {decoded / t / 1e6:.1f} | {gz / t / 1e6:.1f} "
+              f"| {base / t:.2f}x | {statistics.median(cpu[w]) / n:.2f} "
+              f"| {rss[w] / 2**20:.0f} MiB | {statistics.mean(load[w]):.1f} "
+              f"| {'yes' if same[w] else 'NO'} |")
+    print(f"\nlargest volume decoded: {largest / 2**20:.0f} MiB (peak RSS / worker = the "
+          "interpreter and libraries + what one study needs). CPU s / volume: this process "
+          "and the workers, user + system; equal CPU per volume means the pool adds no work, "
+          "so with N free cores the wall time is CPU / N")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/t3d_bench"))
@@ -155,11 +228,13 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=(64, 32))
     parser.add_argument("--passes", type=int, default=2, help="passes over the volumes (warm)")
     parser.add_argument("--threads", type=int, default=1, help="torch/numpy/blosc threads")
+    parser.add_argument("--prepare-workers", type=int, nargs="+", default=None, metavar="N",
+                        help="also measure prepare with these worker counts (first = baseline)")
+    parser.add_argument("--prepare-repeats", type=int, default=2,
+                        help="rounds over the worker counts (alternating; median reported)")
+    parser.add_argument("--no-crops", action="store_true", help="skip the crop benchmark")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
     os.environ.setdefault("BLOSC_NTHREADS", str(args.threads))
     from t3d_data import prepare
 
@@ -168,6 +243,14 @@ def main() -> None:
     files = sorted((args.workdir / "nifti").glob("*.nii.gz"))
     print(f"synthesised {len(files)} volumes {tuple(args.shape)} in {time.perf_counter() - t0:.1f} s; "
           f".nii.gz {sum(f.stat().st_size for f in files) / len(files) / 2**20:.1f} MiB each")
+    if args.prepare_workers:
+        bench_prepare(manifest, args.workdir, args.prepare_workers, args.prepare_repeats,
+                      args.chunks[0])
+    if args.no_crops:
+        return
+    import torch  # not before the prepare table: 1 worker runs in this process (its peak RSS)
+
+    torch.set_num_threads(args.threads)
     stores = {}
     for c in args.chunks:
         out = args.workdir / f"store{c}"

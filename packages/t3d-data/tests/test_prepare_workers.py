@@ -29,7 +29,7 @@ def test_workers_write_the_same_store_as_one(tmp_path, make_dataset):
     three = prepare(manifest, tmp_path / "three", chunk=16, max_bad_fraction=0.2, progress=False,
                     workers=3)
     assert (one.prepared, one.quarantined) == (three.prepared, three.quarantined) == (5, 1)
-    assert three.workers == 3 and three.peak_rss > 0
+    assert three.workers == 3 and three.peak_rss > 0 and three.cpu_seconds > one.cpu_seconds * 0.5 > 0
     for name in ("index.json", "quarantine.jsonl"):  # same entries, order and report groups
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
     files = _files(tmp_path / "one")
@@ -107,10 +107,10 @@ def _assert_complete(out: Path) -> list[dict]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker pids from /proc")
 def test_dead_worker_and_ctrl_c_keep_finished_studies_and_resume(tmp_path, make_dataset):
-    manifest = make_dataset(8)
+    manifest = make_dataset(6)
     out = tmp_path / "store"
     # 1. a worker is killed (as the OOM killer would): the run stops with one clear line
-    proc = _start(manifest, out, delay=2.0)
+    proc = _start(manifest, out, delay=1.0)
     try:
         _wait_for_more_than(out, 0, proc)
         workers = [p for p, d in _descendants(proc.pid).items() if d == 2]  # under the forkserver
@@ -122,9 +122,9 @@ def test_dead_worker_and_ctrl_c_keep_finished_studies_and_resume(tmp_path, make_
     assert proc.returncode == 2, err
     assert "a worker process died" in err and "rerun to resume" in err, err
     done1 = _assert_complete(out)
-    assert 1 <= len(done1) < 8
+    assert 1 <= len(done1) < 6
     # 2. Ctrl-C on the resumed run: exit 130, the workers are gone, finished studies indexed
-    proc = _start(manifest, out, delay=2.0)
+    proc = _start(manifest, out, delay=1.0)
     try:
         _wait_for_more_than(out, len(done1), proc)
         tree = _descendants(proc.pid)
@@ -138,12 +138,12 @@ def test_dead_worker_and_ctrl_c_keep_finished_studies_and_resume(tmp_path, make_
         time.sleep(0.1)
     assert not [p for p in tree if _alive(p)], "worker processes outlived the interrupted run"
     done2 = _assert_complete(out)
-    assert len(done1) < len(done2) < 8
+    assert len(done1) < len(done2) < 6
     # 3. the rerun finishes; the store equals a one-process prepare
     summary = prepare(manifest, out, chunk=16, progress=False, workers=2)
-    assert (summary.skipped, summary.prepared) == (len(done2), 8 - len(done2))
+    assert (summary.skipped, summary.prepared) == (len(done2), 6 - len(done2))
     assert not [p for p in (out / "studies").iterdir() if p.name.startswith(".tmp")]
     prepare(manifest, tmp_path / "ref", chunk=16, progress=False)
     assert (out / "index.json").read_bytes() == (tmp_path / "ref" / "index.json").read_bytes()
     assert _files(out) == _files(tmp_path / "ref")
-    assert [r.study_id for r in VolumeStore(out).records] == [f"ct_{i:03d}" for i in range(8)]
+    assert [r.study_id for r in VolumeStore(out).records] == [f"ct_{i:03d}" for i in range(6)]

@@ -10,6 +10,7 @@ mask) at a time, so its memory is bounded by the largest volume it reads.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import signal
 import sys
@@ -37,12 +38,22 @@ class Outcome:
         error: the message of a bad-input error (:class:`T3DDataError` or ``OSError``), else
             ``None``; any other exception is raised in the parent instead.
         peak_rss: peak resident memory of the process that ran the task so far, in bytes.
+        pid: that process.
+        cpu_seconds: CPU time (user + system, all threads) of that process so far.
     """
 
     position: int
     value: Any
     error: str | None
     peak_rss: int
+    pid: int = 0
+    cpu_seconds: float = 0.0
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss() -> int:
@@ -56,7 +67,7 @@ def _call(position: int, fn: Callable[..., Any], args: tuple) -> Outcome:
         value, error = fn(*args), None
     except (T3DDataError, OSError) as err:  # bad input: quarantined by the caller
         value, error = None, str(err) or repr(err)
-    return Outcome(position, value, error, peak_rss())
+    return Outcome(position, value, error, peak_rss(), os.getpid(), cpu_seconds())
 
 
 def _init_worker() -> None:

@@ -130,6 +130,8 @@ class PrepareSummary:
         shard: ``"I/N"`` for a sharded run (``total`` counts the shard's studies), else None.
         peak_rss: largest peak resident memory of one process that prepared studies (a
             worker, or this process with one worker), bytes.
+        cpu_seconds: CPU time spent by this process during the run plus the workers' (from
+            their start; the forkserver's one-off imports are not counted).
     """
 
     store: Path
@@ -142,6 +144,7 @@ class PrepareSummary:
     workers: int = 1
     shard: str | None = None
     peak_rss: int = 0
+    cpu_seconds: float = 0.0
 
     def __str__(self) -> str:
         where = f"{self.store} (shard {self.shard})" if self.shard else f"{self.store}"
@@ -484,7 +487,7 @@ def prepare(
     """
     from tqdm.auto import tqdm
 
-    from t3d_data.parallel import run_tasks
+    from t3d_data.parallel import cpu_seconds, run_tasks
     from t3d_data.shards import QuarantinedStudy, Shard, file_sha256, write_shard_index
 
     if chunk < 1:
@@ -496,7 +499,7 @@ def prepare(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     spec = Shard.parse(shard) if shard is not None else None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     manifest_path = Path(manifest_path)
     everything = load_manifest(manifest_path, check_files=False)
     records = everything if spec is None else [r for r in everything if spec.owns(r.study_id)]
@@ -516,6 +519,7 @@ def prepare(
     allowed_bad = math.floor(max_bad_fraction * len(records) + 1e-9)
     prepared = skipped = written = rss = 0
     bad: dict[int, QuarantinedStudy] = {}
+    worker_cpu: dict[int, float] = {}  # pid -> CPU seconds, for workers other than this process
     unlinked: list[str] = []  # replaced study folders, removed once the index no longer names them
     last = [0.0, 0.0]  # end and cost of the last index write
 
@@ -544,6 +548,9 @@ def prepare(
                             disable=not progress):
             rec = records[outcome.position]
             rss = max(rss, outcome.peak_rss)
+            if outcome.pid != os.getpid():
+                worker_cpu[outcome.pid] = max(worker_cpu.get(outcome.pid, 0.0),
+                                              outcome.cpu_seconds)
             if outcome.error is not None:
                 bad[outcome.position] = QuarantinedStudy(study_id=rec.study_id,
                                                          image=str(rec.image),
@@ -581,7 +588,8 @@ def prepare(
                              quarantine=where, store=out)
     summary = PrepareSummary(out, len(records), prepared, skipped, len(bad), written,
                              time.perf_counter() - start, workers=workers,
-                             shard=None if spec is None else str(spec), peak_rss=rss)
+                             shard=None if spec is None else str(spec), peak_rss=rss,
+                             cpu_seconds=cpu_seconds() - cpu_start + sum(worker_cpu.values()))
     logger.info("%s", summary)
     return summary
 
