@@ -49,6 +49,9 @@ RUN: dict[str, list[str]] = {
     # on a synthetic replica of CT-RATE's layout (t3d_data.sources.replica), written first
     "uv run t3d-data import ct-rate downloads/CT-RATE -o data/ct-rate/manifest.jsonl": [],
     "uv run t3d-data prepare data/ct-rate/manifest.jsonl data/ct-rate/store": [],
+    # on a synthetic BraTS 2023 replica (4 MRI channels per case), written first
+    "uv run t3d-data import brats downloads/BraTS2023 -o data/brats/manifest.jsonl": [],
+    "uv run t3d-data prepare data/brats/manifest.jsonl data/brats/store": [],
 }
 
 # Commands not run here (regular expressions matched against the whole command), and why.
@@ -76,6 +79,9 @@ NOT_RUN: dict[str, str] = {
         "long: tests/test_eval_tools.py::test_evaluate_cli_on_the_smoke_checkpoint; arguments validated here",
     r"uv run python tools/finetune_(cls|seg)\.py --checkpoint .*":
         "long: tests/test_eval_tools.py::test_smoke_benchmark_writes_results runs both; arguments validated here",
+    r"uv run python tools/finetune_seg\.py --dataset brats .*":
+        "long: tests/test_mri_finetune.py::test_finetune_seg_brats_from_a_one_channel_ct_checkpoint "
+        "runs it on a replica store; arguments validated here, the store is built here",
     r"uv run python tools/run_benchmark\.py --preset smoke\b.*": "long: tests/test_eval_tools.py::test_smoke_benchmark_writes_results",
     r"uv run python tools/run_benchmark\.py --preset (cpu|gpu)-evidence\b.*":
         "hours on CPU / a GPU; sizes: tests/test_eval_tools.py::test_evidence_presets_meet_the_issue_sizes",
@@ -212,6 +218,7 @@ def ran(tmp_path_factory) -> dict[str, object]:
     from t3d_data.sources.replica import write_replica
 
     write_replica("ct-rate", work / "downloads" / "CT-RATE", n=3, shape=(32, 32, 24))
+    write_replica("brats", work / "downloads" / "BraTS2023", n=3, shape=(24, 24, 16))
     commands = readme_commands()
     done, outputs, stores_before = [], {}, {}
     for command in commands:
@@ -234,8 +241,10 @@ def test_cheap_commands_run_verbatim_in_readme_order(ran):
     work = ran["work"]
     assert (work / "data" / "phantom" / "manifest.jsonl").is_file()
     for store in ("data/store", "data/demo/store", "runs/demo-data/store", "my_ct/store",
-                  "data/ct-rate/store"):
+                  "data/ct-rate/store", "data/brats/store"):
         assert (work / store / "index.json").is_file(), store
+    brats = json.loads((work / "data/brats/store/index.json").read_text(encoding="utf-8"))
+    assert {(s["n_channels"], s["modality"]) for s in brats["studies"]} == {(4, "MR")}
     out = ran["outputs"]["uv run t3d-data prepare my_ct/studies.jsonl my_ct/store"]
     assert "0 quarantined" in out, out  # every study of the README's example manifest, DICOM too
     # the pool and the merged shards wrote the store one process wrote
@@ -289,7 +298,10 @@ def test_tool_arguments_of_the_readme_validate():
         tool = _load_tool(script)
         for command in (c for c in commands if f"tools/{script}" in c):
             cfg = parse_config(model, _script_args(command, script), "", tool.SHORTCUTS)
-            if "my_ct" not in command:  # the quick-start demo's checkpoint and cached store
+            if "--dataset brats" in command:  # the store the README's BraTS lines prepare
+                assert Path(str(cfg.model.checkpoint)) == demo_model, command
+                assert str(cfg.store) == "data/brats/store" and cfg.dataset == "brats", command
+            elif "my_ct" not in command:  # the quick-start demo's checkpoint and cached store
                 assert Path(str(cfg.model.checkpoint)) == demo_model, command
                 assert str(cfg.store) == str(demo_store), command
             seen += 1
