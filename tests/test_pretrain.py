@@ -234,6 +234,7 @@ def test_default_demo_runs_a_few_steps(tmp_path):
     card = (run_dir / "model" / "README.md").read_text(encoding="utf-8")
     assert "- steps: 2" in card and f"- data: {config['data']['store']}" in card
     assert "optim.max_steps=2" in card and "## Notes" in card
+    assert "- report language(s): `en`" in card  # the store's report languages
     end = summary["loss_end"]
     assert f"| tcl_loss | {end['tcl_loss']:.4f} | log(7) = 1.9459 |" in card
     assert f"| align_loss | {end['align_loss']:.4f} | log(4) = 1.3863 |" in card
