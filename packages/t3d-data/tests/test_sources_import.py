@@ -244,3 +244,18 @@ def test_import_command(tmp_path, capsys):
     assert main(["import", "btcv", str(root), "-o", str(tmp_path / "x.jsonl"),
                  "--language", "es"]) == 2
     assert "--language does not apply to btcv" in capsys.readouterr().err
+
+
+def test_imported_manifests_prepare_channels_and_language_reach_the_store(tmp_path):
+    brats = write_replica("brats", tmp_path / "brats", n=2, shape=(12, 12, 8))
+    bimcv = write_replica("bimcv-r", tmp_path / "bimcv", n=2, shape=(12, 12, 8))
+    for name, root in (("brats", brats), ("bimcv-r", bimcv)):
+        _import(name, root, tmp_path / f"{name}.jsonl")
+        prepare(tmp_path / f"{name}.jsonl", tmp_path / f"{name}-store", chunk=8, progress=False)
+    mr = VolumeStore(tmp_path / "brats-store")
+    assert {(r.n_channels, r.modality, tuple(r.channels)) for r in mr.records} == {
+        (4, "MR", ("t1n", "t1c", "t2w", "t2f"))}
+    assert mr.read(0).shape == (4, 12, 12, 8) and all(r.has_mask for r in mr.records)
+    es = VolumeStore(tmp_path / "bimcv-r-store")
+    assert {r.language for r in es.records} == {"es"}
+    assert all(r.report for r in es.records)
