@@ -140,6 +140,9 @@ class Suite(BaseModel):
     threshold_rule: Literal["youden", "f1"] = "youden"
     classes: dict[str, list[int]] | None = None
     tasks: str | None = None
+    #: A ``finetune_seg --dataset`` preset (e.g. ``brats``: MR intensity policy, modality check),
+    #: passed to :class:`t3d_train.eval_config.SegmentationConfig` as ``dataset``.
+    seg_dataset: str | None = None
     label_fractions: list[float] = [1.0]
     finetune: Finetune = Field(default_factory=Finetune)
     probe: ProbeSection = Field(default_factory=ProbeSection)
@@ -494,8 +497,9 @@ def score_segmentation(suite: Suite, checkpoint: Path, scratch: bool, store: Pat
     patients: list[str] = []
     ft = suite.finetune
     for fraction in suite.label_fractions:
+        extra = {"dataset": suite.seg_dataset} if suite.seg_dataset else {}
         cfg = SegmentationConfig(
-            model=ModelSection(checkpoint=checkpoint), scratch=scratch, store=store,
+            **extra, model=ModelSection(checkpoint=checkpoint), scratch=scratch, store=store,
             train_split=suite.splits.train, test_split=suite.splits.test, classes=suite.classes,
             tasks=suite.tasks, label_fraction=fraction, steps=ft.steps, lr=ft.lr,
             batch_size=ft.batch_size, samples_per_volume=ft.samples_per_volume,
