@@ -67,8 +67,8 @@ def test_ct_rate_ids_splits_report_labels_and_hu(tmp_path):
                                            for n in ABNORMALITIES}
     prompts = json.loads(written[1].read_text(encoding="utf-8"))
     assert written[1].name == "ct.prompts.json" and len(prompts) == 18
-    assert prompts["Lung nodule"] == {"positive": ["Lung nodule."],
-                                      "negative": ["not Lung nodule."]}
+    assert prompts["Lung nodule"] == {"positive": ["Lung nodule is present."],
+                                      "negative": ["Lung nodule is not present."]}
     # HU: stored values + the metadata's intercept; spacing from the metadata; LPS -> RAS
     prepare(tmp_path / "m" / "ct.jsonl", tmp_path / "store", chunk=16, progress=False)
     store = VolumeStore(tmp_path / "store")

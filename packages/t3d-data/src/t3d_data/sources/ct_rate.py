@@ -262,8 +262,9 @@ def _carve_val(rows: list[dict[str, Any]], fraction: float, seed: int) -> None:
 
 
 def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
-    """CT-CLIP's zero-shot prompt pair per abnormality (``"<finding>."`` vs
-    ``"not <finding>."``, scripts/zero_shot.py of the CT-CLIP repository), in the
+    """CT-CLIP's zero-shot prompt pair per abnormality (``"<finding> is present."`` vs
+    ``"<finding> is not present."``, scripts/zero_shot.py of the CT-CLIP repository since its
+    July 2025 revision; earlier revisions used ``"<finding>."`` / ``"not <finding>."``), in the
     :class:`t3d_data.DatasetTasks` ``zero_shot_prompts`` format."""
-    return {name: {"positive": [f"{name}."], "negative": [f"not {name}."]}
+    return {name: {"positive": [f"{name} is present."], "negative": [f"{name} is not present."]}
             for name in ABNORMALITIES}
