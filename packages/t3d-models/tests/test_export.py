@@ -133,3 +133,15 @@ def test_save_swinunetr_records_channels_and_the_mri_policy(tiny_model, tmp_path
     assert len(cfg["channel_adapt"]["keys"]) == 3
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "| `intensity` | zscore_foreground |" in card and "`hu_window`" not in card
+
+
+def test_adapt_input_channels_from_several_source_channels():
+    from t3d_models import adapt_input_channels
+
+    w = torch.randn(5, 2, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    rep = adapt_input_channels(w, 3, "repeat")
+    assert torch.equal(rep, torch.stack([w[:, 0], w[:, 1], w[:, 0]], dim=1) * (2 / 3))
+    avg = adapt_input_channels(w, 3, "average")
+    assert torch.equal(avg, w.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1, -1))
+    # 2 -> 2 with repeat is the identity
+    assert torch.equal(adapt_input_channels(w, 2, "repeat"), w)

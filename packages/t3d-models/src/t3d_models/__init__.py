@@ -18,7 +18,14 @@ from .config import (  # noqa: E402
     list_presets,
     load_preset,
 )
-from .export import build_monai_swinunetr, export_swinunetr, save_swinunetr, swinunetr_kwargs  # noqa: E402
+from .export import (  # noqa: E402
+    CHANNEL_ADAPT,
+    adapt_input_channels,
+    build_monai_swinunetr,
+    export_swinunetr,
+    save_swinunetr,
+    swinunetr_kwargs,
+)
 from .heads import HEAD_KINDS, GlobalBatchNorm1d, ProjectionHead  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .interactor import Interactor  # noqa: E402
@@ -28,6 +35,7 @@ from .text import MINILM, HFTextEncoder, masked_mean, resolve_text_model  # noqa
 from .vision import SwinUNETRBackbone, VisionFeatures, check_crop_size  # noqa: E402
 
 __all__ = [
+    "CHANNEL_ADAPT",
     "HEAD_KINDS",
     "MINILM",
     "CardFacts",
@@ -44,6 +52,7 @@ __all__ = [
     "VisionConfig",
     "VisionFeatures",
     "__version__",
+    "adapt_input_channels",
     "build_monai_swinunetr",
     "check_crop_size",
     "export_swinunetr",
