@@ -701,10 +701,11 @@ def docs_block(suite: Suite, results: dict[str, Any] | None = None) -> str:
             " ".join(suite.description.split()), ""]
     table = ["| data | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     if results is None:
-        head.append("**Not measured here**: needs the real dataset; the empty cells are for "
-                    "a run of `python tools/benchmark.py "
-                    f"{suite.name} --checkpoint RUN/model --store STORE --update-docs`. "
-                    "No number is borrowed from a paper.")
+        what = ("not run yet" if suite.dataset == "phantom"
+                else f"needs the real dataset ({suite.source})")
+        head.append(f"**Not measured here**: {what}; the empty cells are for a run of "
+                    f"`python tools/benchmark.py {suite.name} --checkpoint RUN/model --store "
+                    "STORE --update-docs`. No number is borrowed from a paper.")
         head.append("")
         for arm in ARMS:
             table.append(f"| {suite.dataset} | {ARM_TITLES[arm]} | " + " | ".join(
