@@ -98,6 +98,10 @@ def test_a_model_window_drives_the_data_window():
     ({"data": {"store": "s", "crop": {"hu_window": [-200, 300]}},
       "model": {"preset": "t3d-tiny-cpu", "preprocessing": {"hu_window": [-100, 100]}}},
      "data.crop.hu_window=[-200, 300] disagrees with model.preprocessing.hu_window=[-100, 100]"),
+    # pre-training crops are HU-windowed: the MRI policy is only for fine-tuning (issue 11.3)
+    ({"data": {"store": "s"},
+      "model": {"preset": "t3d-tiny-cpu", "preprocessing": {"intensity": "zscore_foreground"}}},
+     "model.preprocessing.intensity=zscore_foreground: pre-training crops are HU-windowed CT"),
 ])
 def test_mismatched_preprocessing_is_refused(payload, needle):
     with pytest.raises(ValueError) as err:

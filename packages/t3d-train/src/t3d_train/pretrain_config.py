@@ -83,6 +83,12 @@ def _reconcile_preprocessing(model: dict, data: dict | None) -> tuple[dict, list
                     f"{given[key]}: the model must be trained on the preprocessing it records; "
                     f"set one of them, not both")
             record[key] = list(crop[key]) if isinstance(crop[key], (list, tuple)) else crop[key]
+    if record["intensity"] != "hu_window_linear":
+        raise ValueError(
+            f"model.preprocessing.intensity={record['intensity']}: pre-training crops are "
+            "HU-windowed CT (t3d_data.RandCropSampler, hu_window_linear), so the record must say "
+            "so; zscore_foreground is the MRI policy of fine-tuning (tools/finetune_seg.py "
+            "--dataset brats)")
     model["preprocessing"] = record
     return model, list(model_crop)
 
