@@ -452,7 +452,9 @@ def prepare(
     With ``workers > 1`` a process pool reads and writes the studies (one study per worker at
     a time, so a worker's memory is bounded by the largest volume it reads); this process
     alone writes the index. The store is the same as with one worker. Ctrl-C or SIGTERM stops
-    the workers and keeps the finished studies in the index (a rerun resumes).
+    the workers and keeps the finished studies in the index (a rerun resumes). From a script,
+    call it under ``if __name__ == "__main__":`` when ``workers > 1`` (the workers import the
+    main module, as with any ``multiprocessing`` code).
 
     With ``shard="I/N"`` only the studies of shard I of N are prepared
     (:func:`t3d_data.shards.shard_of`), and recorded in ``index.shard-I-of-N.json`` instead of
