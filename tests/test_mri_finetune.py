@@ -110,3 +110,24 @@ def test_a_ct_windowed_checkpoint_is_refused_on_mr_data_unless_fine_tuning_sets_
     # and the CT path is unchanged: the recorded window and policy
     plain = SimpleNamespace(checkpoint=brats["ckpt"], hu_window=None, force_preprocessing=False)
     assert resolve_preprocessing(plain, ct) == ct.preprocessing
+
+
+def test_dataset_brats_on_a_ct_store_names_the_fix(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from t3d_data import prepare
+    from t3d_train.config import ConfigError
+    from t3d_train.eval_config import SegmentationConfig
+    from t3d_train.segmentation import store_channels
+
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), 40, np.int16), np.eye(4)), tmp_path / "ct.nii")
+    (tmp_path / "m.jsonl").write_text(json.dumps(
+        {"study_id": "ct", "patient_id": "p", "image": "ct.nii", "split": "val"}) + "\n")
+    prepare(tmp_path / "m.jsonl", tmp_path / "store", progress=False)
+    cfg = SegmentationConfig(store=tmp_path / "store", dataset="brats", scratch=True)
+    assert cfg.test_split == "val" and cfg.model.intensity == "zscore_foreground"
+    with pytest.raises(ConfigError, match=r"dataset: brats expects MR studies but .* holds CT "
+                                          r"\(1 channel\(s\)\); prepare the manifest of "
+                                          r"`t3d-data import brats ROOT -o MANIFEST`"):
+        store_channels(cfg)
+    assert store_channels(cfg.model_copy(update={"dataset": None})) == (1, "CT")
