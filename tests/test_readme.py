@@ -52,6 +52,7 @@ RUN: dict[str, list[str]] = {
     # on a synthetic BraTS 2023 replica (4 MRI channels per case), written first
     "uv run t3d-data import brats downloads/BraTS2023 -o data/brats/manifest.jsonl": [],
     "uv run t3d-data prepare data/brats/manifest.jsonl data/brats/store": [],
+    "uv run python tools/benchmark.py --list": [],  # ~2 s, no torch
 }
 
 # Commands not run here (regular expressions matched against the whole command), and why.
@@ -86,6 +87,8 @@ NOT_RUN: dict[str, str] = {
     r"uv run python tools/run_benchmark\.py --preset (cpu|gpu)-evidence\b.*":
         "hours on CPU / a GPU; sizes: tests/test_eval_tools.py::test_evidence_presets_meet_the_issue_sizes",
     r"uv run python tools/bench_(data|models|pretrain)\.py.*": "benchmarks (minutes; numbers in docs/performance.md); --help run here",
+    r"uv run python tools/benchmark\.py phantom-zeroshot --checkpoint .*":
+        "long: tests/test_benchmark_suites.py::test_phantom_zeroshot_cli_writes_json_markdown_and_docs",
     r"MANIFEST=\S+ STORE=\S+ SHARDS=16 tools/slurm/prepare_store\.sh":
         "needs Slurm: tests/test_slurm_templates.py::test_sharded_prepare_array_then_dependent_index_job",
     r"sbatch --nodes=4 tools/slurm/pretrain_multinode\.sbatch":

@@ -725,6 +725,10 @@ def docs_block(suite: Suite, results: dict[str, Any] | None = None) -> str:
             m = results["arms"][arm]["metrics"]
             table.append(f"| {label} | {ARM_TITLES[arm]} | "
                          + " | ".join(cell(m.get(c)) for c in cols) + " |")
+    chance = test.get("chance")
+    if suite.kind == "retrieval" and chance:  # t3d_eval.chance_retrieval of the run's reports
+        table.append(f"| {label} | chance (random scores) | " + " | ".join(
+            f"{chance.get(c.split('_', 1)[1], float('nan')):.3f}" for c in cols) + " |")
     return "\n".join(head + table) + "\n"
 
 
