@@ -52,6 +52,13 @@ class VisionConfig(_Strict):
         token_stage: which feature map gives the visual tokens: 4 = deepest (``encoder10``
             output, 16F channels at 1/32), 3 = ``hidden_states[3]`` (8F at 1/16),
             2 = ``encoder4`` output (4F at 1/8).
+        attention: Swin window attention: ``"eager"`` (MONAI's matmul + softmax) or ``"sdpa"``
+            (``torch.nn.functional.scaled_dot_product_attention`` with the relative-position
+            bias and shift mask as an additive mask, in training too; same maths, tested equal
+            within 1e-5; on a GPU it selects a fused kernel and never stores the attention
+            matrix). Weights are the same either way (docs/performance.md).
+        channels_last: run the convolutions in ``torch.channels_last_3d`` memory format (same
+            values; tested equal within 1e-5; see docs/performance.md for when it is faster).
     """
 
     feature_size: int = 48
@@ -64,6 +71,8 @@ class VisionConfig(_Strict):
     norm_name: str = "instance"
     crop_size: tuple[int, int, int] = (96, 96, 96)
     token_stage: Literal[2, 3, 4] = 4
+    attention: Literal["eager", "sdpa"] = "eager"
+    channels_last: bool = False
 
     @field_validator("feature_size")
     @classmethod

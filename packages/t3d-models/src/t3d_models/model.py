@@ -82,6 +82,8 @@ class T3DModel(nn.Module):
             norm_name=vc.norm_name,
             token_stage=vc.token_stage,
             restoration=config.restoration,
+            attention=vc.attention,
+            channels_last=vc.channels_last,
         )
         cv = self.vision.token_channels
         self.interactor = Interactor(

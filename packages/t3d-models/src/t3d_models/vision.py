@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DECODER_MODULES", "ENCODER_MODULES", "SwinUNETRBackbone", "VisionFeatures",
-           "check_crop_size"]
+__all__ = ["ATTENTION_KINDS", "DECODER_MODULES", "ENCODER_MODULES", "SwinUNETRBackbone",
+           "VisionFeatures", "check_crop_size", "use_sdpa_attention"]
 
 #: SwinUNETR submodules that make up the encoder (exported strictly to MONAI).
 ENCODER_MODULES = ("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10")
@@ -22,6 +22,65 @@ ENCODER_MODULES = ("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "e
 DECODER_MODULES = ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out")
 
 _MULTIPLE = 32  # patch_size ** 5 with SwinUNETR's patch size 2
+
+#: Valid ``attention`` values of :class:`SwinUNETRBackbone`.
+ATTENTION_KINDS = ("eager", "sdpa")
+
+
+def _sdpa_window_attention(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MONAI ``WindowAttention.forward`` with ``scaled_dot_product_attention``, with autograd.
+
+    MONAI (1.6) takes the SDPA path only without autograd; this is the same computation for
+    training: ``softmax(q k^T * scale + relative_position_bias [+ shift mask]) v``, the bias and
+    mask added to the logits as SDPA's additive ``attn_mask`` (broadcast over the windows of a
+    batch instead of materialised per window). Attention dropout is applied by SDPA.
+    """
+    b, n, c = x.shape
+    h = self.num_heads
+    qkv = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    index = self.relative_position_index[:n, :n].reshape(-1)
+    bias = self.relative_position_bias_table[index].reshape(n, n, h).permute(2, 0, 1)  # (h, n, n)
+    drop = self.attn_drop.p if self.training else 0.0
+    if mask is None:
+        y = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), dropout_p=drop, scale=self.scale)
+    else:
+        nw = mask.shape[0]  # windows per image: (b // nw, nw, h, n, d) against (nw, h, n, n)
+        full = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).to(q.dtype)
+        q, k, v = (t.reshape(b // nw, nw, h, n, c // h) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=drop,
+                                                       scale=self.scale).reshape(b, h, n, c // h)
+    return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, c)))
+
+
+def _sdpa_class(cls: type) -> type:
+    return type(f"SDPA{cls.__name__}", (cls,), {"forward": _sdpa_window_attention,
+                                                "__module__": __name__})
+
+
+_SDPA_CLASSES: dict[type, type] = {}
+
+
+def use_sdpa_attention(module: nn.Module) -> int:
+    """Switch every MONAI ``WindowAttention`` inside ``module`` to the SDPA forward, in place.
+
+    The modules keep their parameters, buffers and state-dict keys (only their class changes,
+    to a subclass whose ``forward`` is :func:`_sdpa_window_attention`), so checkpoints and the
+    MONAI export are unaffected. Returns the number of attention modules switched.
+    """
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, WindowAttention) and type(m) not in _SDPA_CLASSES.values():
+            cls = type(m)
+            if cls not in _SDPA_CLASSES:
+                _SDPA_CLASSES[cls] = _sdpa_class(cls)
+                globals()[_SDPA_CLASSES[cls].__name__] = _SDPA_CLASSES[cls]  # picklable by name
+            m.__class__ = _SDPA_CLASSES[cls]
+            count += 1
+    return count
 
 
 def check_crop_size(spatial_shape: Sequence[int], multiple: int = _MULTIPLE) -> None:
@@ -75,6 +134,10 @@ class SwinUNETRBackbone(nn.Module):
         norm_name: conv-block normalisation.
         token_stage: 4 (deepest, ``dec4``), 3 (``hidden_states[3]``) or 2 (``enc3``).
         restoration: keep ``decoder5..decoder1`` and ``out`` (``out_channels=1``).
+        attention: ``"eager"`` (MONAI's window attention) or ``"sdpa"``
+            (:func:`use_sdpa_attention`: ``scaled_dot_product_attention``, same maths).
+        channels_last: keep the convolution weights and the crops in ``channels_last_3d``
+            memory format (same values).
 
     Example:
         >>> bb = SwinUNETRBackbone(feature_size=12, window_size=4)
@@ -95,12 +158,16 @@ class SwinUNETRBackbone(nn.Module):
         norm_name: str = "instance",
         token_stage: int = 4,
         restoration: bool = True,
+        attention: str = "eager",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         from monai.networks.nets import SwinUNETR  # lazy: ~15 s import
 
         if token_stage not in (2, 3, 4):
             raise ValueError(f"token_stage must be 2, 3 or 4; got {token_stage}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {attention!r}")
         self.feature_size = feature_size
         self.token_stage = token_stage
         self.restoration = restoration
@@ -118,6 +185,12 @@ class SwinUNETRBackbone(nn.Module):
         if not restoration:
             for name in DECODER_MODULES:
                 delattr(self.swin, name)
+        self.attention = attention
+        if attention == "sdpa":
+            use_sdpa_attention(self.swin)
+        self.channels_last = channels_last
+        if channels_last:
+            self.swin.to(memory_format=torch.channels_last_3d)
 
     @property
     def token_channels(self) -> int:
@@ -137,6 +210,8 @@ class SwinUNETRBackbone(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"crops must be (N, C, D, H, W); got shape {tuple(x.shape)}")
         check_crop_size(x.shape[2:])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         s = self.swin
         hidden = s.swinViT(x, s.normalize)
         need = skips or self.token_stage == 2
