@@ -11,6 +11,19 @@ Peak memory is the growth above the pre-step level during a step (activations + 
     uv run python tools/bench_models.py --presets t3d-tiny-cpu --crops-per-step 2 --repeats 3
     uv run python tools/bench_models.py --device cuda --bf16 --presets t3d-tiny-cpu t3d-base \
         --text-model minilm --crops-per-step 8 --repeats 10 --json bench.json
+
+With ``--variants`` it instead times the *full* T3D pre-training step (model, ``T3DObjective``,
+backward, gradient clipping, AdamW) of one preset under each variant, the first being the
+baseline, in one process and interleaved (A B C A B C ...), and reports medians of wall and
+process CPU seconds and each variant's speed-up over the baseline; every variant starts from
+the same weights. A variant is comma-separated knobs: ``eager`` (nothing), ``sdpa``
+(``vision.attention``), ``channels_last`` (``vision.channels_last``), ``fused`` (AdamW),
+``compile`` (``torch.compile``, its compilation time reported apart), ``threads=N``.
+``--profile`` adds a per-module table of the baseline step (each module's forward + backward
+timed on its own inputs, captured from a real step).
+
+    uv run python tools/bench_models.py --presets t3d-tiny-cpu --crops-per-step 8 \
+        --variants eager sdpa channels_last sdpa,channels_last,fused --repeats 3 --profile
 """
 
 from __future__ import annotations
@@ -29,13 +42,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPORT = (
-    "CT chest with contrast. Findings: spiculated nodule of 14 mm in the right upper lobe "
-    "abutting the pleura, suspicious for primary malignancy. Several subcentimetre mediastinal "
-    "lymph nodes. No pleural effusion. Mild centrilobular emphysema in both upper lobes. "
-    "Degenerative changes of the thoracic spine. Impression: right upper lobe nodule, "
-    "recommend PET-CT and multidisciplinary review. "
-)
+from t3d_train.speed import REPORT  # noqa: E402  (after the offline environment)
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +65,11 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads (CPU; default: torch's choice)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--variants", nargs="+", default=None, metavar="KNOB[,KNOB...]",
+                   help="full-step variants to compare (first = baseline): eager, sdpa, "
+                        "channels_last, fused, compile, threads=N")
+    p.add_argument("--profile", action="store_true",
+                   help="with --variants: per-module forward+backward table of the baseline")
     return p.parse_args(argv)
 
 
@@ -267,6 +279,90 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_variants(preset: str, args: argparse.Namespace) -> dict:
+    """Full-step variants of one preset, interleaved; medians and speed-ups vs the first."""
+    import torch
+    from t3d_train.speed import build_full_step, module_table, parse_variant, timed_step
+
+    device = torch.device(args.device)
+    config = _config(preset, args.checkpointing == "on", args.text_model, args.random_text_weights)
+    variants = [(v, parse_variant(v)) for v in args.variants]
+    entries, state = [], None
+    for name, knobs in variants:
+        t0 = time.perf_counter()
+        e = build_full_step(config, knobs, state, device, crops=args.crops_per_step,
+                            crops_per_study=args.crops_per_study, report_words=args.report_words,
+                            bf16=args.bf16)
+        state = state or {k: v.clone() for k, v in e["model"].state_dict().items()}
+        e["name"], e["times"], e["cpu"], e["losses"] = name, [], [], []
+        first = timed_step(e, device)
+        e["first_step_s"] = first[0]
+        e["setup_s"] = time.perf_counter() - t0
+        for _ in range(max(args.warmup - 1, 0)):
+            timed_step(e, device)
+        entries.append(e)
+        print(f"[{preset}] variant {name} ready (first step {first[0]:.1f} s)", file=sys.stderr,
+              flush=True)
+    for _ in range(args.repeats):
+        for e in entries:
+            dt, cpu, loss = timed_step(e, device)
+            e["times"].append(dt)
+            e["cpu"].append(cpu)
+            e["losses"].append(loss)
+    base = entries[0]
+    rows = []
+    for e in entries:
+        wall, cpu = statistics.median(e["times"]), statistics.median(e["cpu"])
+        rows.append({"variant": e["name"], "knobs": e["knobs"], "crops": args.crops_per_step,
+                     "step_s": wall, "step_s_all": e["times"], "cpu_s": cpu, "cpu_s_all": e["cpu"],
+                     "s_per_crop": wall / args.crops_per_step,
+                     "speedup": statistics.median(base["times"]) / wall,
+                     "cpu_speedup": statistics.median(base["cpu"]) / cpu,
+                     "first_step_s": e["first_step_s"], "losses": e["losses"]})
+    result = {"preset": preset, "rows": rows}
+    if args.profile:
+        result["modules"] = module_table(entries[0], device)
+    return result
+
+
+def _variant_table(res: dict) -> str:
+    lines = ["| variant | crops | step s | s/crop | CPU s | speed-up (wall) | speed-up (CPU) "
+             "| first step s |", "|" + "---|" * 8]
+    for r in res["rows"]:
+        lines.append(f"| {r['variant']} | {r['crops']} | {r['step_s']:.2f} | {r['s_per_crop']:.3f} "
+                     f"| {r['cpu_s']:.2f} | {r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x "
+                     f"| {r['first_step_s']:.1f} |")
+    if "modules" in res:
+        total = sum(m["fwd_s"] + m["bwd_s"] for m in res["modules"])
+        lines += ["", f"Per module, baseline variant ({res['rows'][0]['variant']}), seconds per step:",
+                  "", "| module | calls | forward s | backward s | total s | share |",
+                  "|---|---|---|---|---|---|"]
+        for m in sorted(res["modules"], key=lambda m: -(m["fwd_s"] + m["bwd_s"])):
+            t = m["fwd_s"] + m["bwd_s"]
+            lines.append(f"| {m['module']} | {m['calls']} | {m['fwd_s']:.3f} | {m['bwd_s']:.3f} "
+                         f"| {t:.3f} | {100 * t / total:.1f} % |")
+        lines.append(f"| sum | | | | {total:.3f} | 100 % |")
+    return "\n".join(lines)
+
+
+def main_variants(args: argparse.Namespace) -> int:
+    import torch
+
+    results = [run_variants(p, args) for p in args.presets]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for res in results:
+        print(f"## {res['preset']}: full T3D step, {args.crops_per_step} crops, "
+              f"{torch.get_num_threads()} threads, load average {load}")
+        print(_variant_table(res))
+    if args.json:
+        meta = {"command": "python tools/bench_models.py " + " ".join(sys.argv[1:]),
+                "torch": torch.__version__, "device": args.device, "load_average": load,
+                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta, "variants": results}, fh, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import torch
@@ -276,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if args.variants:
+        return main_variants(args)
     ckpts = {"both": [False, True], "off": [False], "on": [True]}[args.checkpointing]
     rows: list[dict] = []
     for preset in args.presets:

@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     resolved = json.loads(cfg.model_dump_json())
 
     set_seed(cfg.run.seed)
+    loop.apply_threads(cfg)
     if cfg.run.gradient_checkpointing:
         cfg.model.vision.use_checkpoint = True
-    module = PretrainModule(T3DModel(cfg.model), T3DObjective.from_config(objective_cfg))
+    model = loop.compile_model(T3DModel(cfg.model), cfg)
+    module = PretrainModule(model, T3DObjective.from_config(objective_cfg))
     dataset, sampler, loader = loop.build_data(cfg, objective_cfg, accelerator.num_processes)
     optimizer, scheduler, head_group = loop.build_optimizer(module, cfg)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)

@@ -117,9 +117,36 @@ def build_optimizer(module: Any, cfg: Any) -> tuple[Any, Any, int]:
     groups = module.model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.vision_lr_mult,
                                        cfg.optim.text_lr_mult, extra=module.objective)
     head_group = next(i for i, g in enumerate(groups) if g["name"].startswith("heads/"))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  fused=cfg.optim.fused)
     scheduler = warmup_cosine_schedule(optimizer, cfg.optim.warmup_steps, cfg.optim.max_steps)
     return optimizer, scheduler, head_group
+
+
+def apply_threads(cfg: Any) -> dict[str, int]:
+    """Set ``run.threads`` / ``run.interop_threads`` (when given) before any parallel work;
+    returns the thread counts in effect.
+
+    Raises:
+        ConfigError: the inter-op thread count can no longer be changed in this process.
+    """
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    if cfg.run.interop_threads and cfg.run.interop_threads != torch.get_num_interop_threads():
+        try:
+            torch.set_num_interop_threads(cfg.run.interop_threads)
+        except RuntimeError as err:
+            raise ConfigError(f"run.interop_threads={cfg.run.interop_threads}: {err}; it must be "
+                              "set before torch starts parallel work (drop the setting)") from err
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
+def compile_model(model: Any, cfg: Any) -> Any:
+    """``run.compile``: compile ``model`` in place with ``nn.Module.compile`` (its state-dict
+    keys, checkpoints and ``save_pretrained`` stay as they are); returns it."""
+    if cfg.run.compile:
+        model.compile(mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode)
+    return model
 
 
 def new_state() -> dict[str, int]:

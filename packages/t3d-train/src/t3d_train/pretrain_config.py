@@ -111,6 +111,10 @@ class OptimConfig(BaseModel):
     max_steps: int = Field(100, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
+    #: ``torch.optim.AdamW(fused=...)``: ``True`` one fused kernel per parameter group (CPU and
+    #: CUDA), ``False`` the ``foreach`` implementation, ``None`` torch's default; same update
+    #: within float rounding (tested), docs/performance.md.
+    fused: bool | None = None
 
 
 class CorruptionConfig(BaseModel):
@@ -141,6 +145,16 @@ class RunConfig(BaseModel):
     eval_split: str | None = "test"
     eval_crops: int = Field(4, ge=1)
     debug_nan_steps: list[int] = Field(default_factory=list)
+    #: speed knobs (docs/performance.md); none changes the maths beyond float rounding.
+    #: ``torch.compile`` the model in place (state-dict keys unchanged); pays on GPUs, not on
+    #: a 2-core CPU (minutes of compilation for seconds per step).
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    #: intra-op / inter-op CPU threads (``torch.set_num_threads`` / ``set_num_interop_threads``);
+    #: ``None`` keeps torch's choice.
+    threads: int | None = Field(None, ge=1)
+    interop_threads: int | None = Field(None, ge=1)
 
 
 class PretrainConfig(BaseModel):
