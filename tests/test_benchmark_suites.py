@@ -250,3 +250,39 @@ def test_phantom_retrieval_seg_and_classification_in_process(setup):
     empty = docs_block(load_suite("ct-rate-zeroshot")[0])
     assert "**Not measured here**" in empty and "| CT-RATE | checkpoint |  |  |  |" in empty
     assert ev.bootstrap_ci  # the intervals came from t3d_eval
+
+
+def test_real_data_suites_accept_the_importers_stores(tmp_path):
+    """Each real-data suite's store check passes on its importer's store (synthetic replicas of
+    the layouts, t3d_data.sources.replica): the splits, labels and masks the suites name are the
+    ones the importers write. No torch."""
+    from t3d_data import prepare
+    from t3d_data.sources import import_dataset, write_import
+    from t3d_data.sources.replica import write_replica
+    from t3d_data.store import VolumeStore
+    from t3d_train.suite import SuiteError, check_store_for, load_suite
+
+    cases = {"ct-rate": (["ct-rate-zeroshot", "ct-rate-retrieval"], 4, {"val_fraction": 0.25}),
+             "btcv": (["btcv-seg"], 30, {}), "msd": (["msd-seg"], 5, {}),
+             "brats": (["brats-seg"], 5, {}), "rad-chestct": (["rad-chestct-zeroshot"], 3, {})}
+    for dataset, (suites, n, options) in cases.items():
+        root = write_replica(dataset, tmp_path / dataset / "raw", n=n, seed=1)
+        manifest = write_import(import_dataset(dataset, root, **options),
+                                tmp_path / dataset / "manifest.jsonl")[0]
+        store = tmp_path / dataset / "store"
+        prepare(manifest, store, progress=False)
+        for name in suites:
+            suite = load_suite(name)[0]
+            if dataset == "rad-chestct":  # the replica writes 3 of the label columns only
+                have = VolumeStore(store).finding_names
+                assert set(have) < set(suite.labels)
+                with pytest.raises(SuiteError) as err:
+                    check_store_for(suite, store)
+                missing = [lab for lab in suite.labels if lab not in have]
+                assert f"no labels {missing} (the store has {have})" in str(err.value)
+                continue
+            info = check_store_for(suite, store)
+            assert set(info["splits"]) == set(suite.splits_needed().values()), name
+            assert all(v["studies"] >= 1 for v in info["splits"].values()), name
+    btcv = check_store_for(load_suite("btcv-seg")[0], tmp_path / "btcv" / "store")["splits"]
+    assert (btcv["train"]["studies"], btcv["val"]["studies"]) == (24, 6)  # dataset_0.json
