@@ -230,7 +230,7 @@ CT_RATE_RULES: tuple[FindingRule, ...] = (
                           r"medical (material|device)|implant\w*|endotracheal tube|"
                           r"nasogastric tube)\b",)),
     FindingRule("arterial_wall_calcification",
-                mentions=(r"\b(aort\w*|arter\w*|atherosclero\w*|vascular)\b(?!.*coronar).*"
+                mentions=(r"\b(aort\w*|(?<!coronary )arter\w*|atherosclero\w*|vascular)\b.*"
                           r"\bcalcif\w*", r"\bcalcif\w*\b.*\b(aort\w*|(?<!coronary )arter\w*)\b",
                           r"\batherom\w*")),
     FindingRule("cardiomegaly", mentions=_CARDIO.mentions, negatives=_CARDIO.negatives),

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from t3d_train.config import ConfigError
 from t3d_train.eval_config import ModelSection, RuntimeSection
@@ -94,6 +94,11 @@ class ReportDataSection(BaseModel):
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     crop_batch: int = Field(4, ge=1)
 
+    @field_validator("store")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return Path(v).expanduser()
+
 
 class ReportOptimSection(BaseModel):
     """AdamW with warm-up + cosine decay (:mod:`t3d_train.schedule`); the encoder's trainable
@@ -160,6 +165,11 @@ class GenerateConfig(BaseModel):
     generate: GenerateSection = Field(default_factory=GenerateSection)
     labeller: Literal["phantom", "ct-rate"] | None = "phantom"  # null: JSONL only, no scores
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @field_validator("checkpoint", "store", "out")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return Path(v).expanduser()
 
 
 # --------------------------------------------------------------------------- input checks
