@@ -89,6 +89,18 @@ NOT_RUN: dict[str, str] = {
     r"uv run python tools/bench_(data|models|pretrain)\.py.*": "benchmarks (minutes; numbers in docs/performance.md); --help run here",
     r"uv run python tools/benchmark\.py phantom-zeroshot --checkpoint .*":
         "long: tests/test_benchmark_suites.py::test_phantom_zeroshot_cli_writes_json_markdown_and_docs",
+    r"tools/gpu_check\.sh": "needs a GPU (~8 min); its CPU path: "
+        "tests/test_speed_knobs.py::test_gpu_check_smoke_writes_its_table_and_json",
+    r"uv run python tools/finetune_report\.py --config .*":
+        "long: tests/test_report_tools.py::test_finetune_resume_generate_and_score (tiny decoder, "
+        "3 steps, resume); arguments: test_readme_report_commands_parse_into_valid_configs",
+    r"uv run python tools/generate_reports\.py .*":
+        "needs a fine-tuned generator: tests/test_report_tools.py::test_finetune_resume_generate_and_score "
+        "runs both forms",
+    r"uv run t3d-data demo runs/report-data/n280-64 .*":
+        "a 280-study store (~1.5 min): the code of `uv run t3d-data demo data/demo`, run here small",
+    r"uv run python tools/report_evidence\.py .*":
+        "~40 min: tests/test_report_tools.py::test_evidence_table_and_docs_section runs it on a tiny store",
     r"MANIFEST=\S+ STORE=\S+ SHARDS=16 tools/slurm/prepare_store\.sh":
         "needs Slurm: tests/test_slurm_templates.py::test_sharded_prepare_array_then_dependent_index_job",
     r"sbatch --nodes=4 tools/slurm/pretrain_multinode\.sbatch":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from t3d_train.config import run_cli
 from t3d_train.eval_common import eval_parser
@@ -27,24 +28,31 @@ DOCS = "docs/results.md"
 
 def main(argv: list[str] | None = None) -> int:
     parser = eval_parser(__doc__.split("\n\n")[0], SHORTCUTS)
-    parser.add_argument("--update-docs", action="store_true", help=f"rewrite the section in {DOCS}")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite the 'Report generation' section of --results-md")
+    parser.add_argument("--results-md", type=Path, default=Path(DOCS),
+                        help=f"the results file --update-docs writes (default {DOCS})")
     parser.add_argument("--budget-minutes", type=int, default=40, help="stated in the table")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     cfg = report_config_from_args(ReportConfig, args, SHORTCUTS)
     check_report_inputs(cfg)
+    if args.update_docs and not args.results_md.parent.is_dir():
+        from t3d_train.config import ConfigError
+
+        raise ConfigError(f"--results-md: folder {args.results_md.parent} does not exist")
     from t3d_train.report import report_evidence
 
     command = shlex.join(["python", "tools/report_evidence.py",
                           *(sys.argv[1:] if argv is None else argv)])
     machine = f"{os.cpu_count()} CPU cores (shared with other jobs; times are not benchmarks)"
     result = report_evidence(cfg, budget_minutes=args.budget_minutes, n_resamples=args.resamples,
-                             docs=DOCS if args.update_docs else None, command=command,
+                             docs=args.results_md if args.update_docs else None, command=command,
                              machine=machine, progress=True)
     for line in result["verdicts"]:
         print(line)
     print(f"wrote {cfg.run.output_dir}/report_evidence.json and .md"
-          + (f"; updated {DOCS}" if args.update_docs else ""))
+          + (f"; updated {args.results_md}" if args.update_docs else ""))
     return 0
 
 
