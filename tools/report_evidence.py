@@ -34,7 +34,23 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the results file --update-docs writes (default {DOCS})")
     parser.add_argument("--budget-minutes", type=int, default=40, help="stated in the table")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--render", metavar="RUN", type=Path,
+                        help="only re-render RUN/report_evidence.json (no training) into "
+                             "RUN/report_evidence.md and, with --update-docs, --results-md")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        import json
+
+        from t3d_train.files import write_text_atomic
+        from t3d_train.report import evidence_markdown, update_docs_section
+
+        section = evidence_markdown(json.loads((args.render / "report_evidence.json").read_text(
+            encoding="utf-8")))
+        write_text_atomic(args.render / "report_evidence.md", section + "\n")
+        if args.update_docs:
+            update_docs_section(args.results_md, section)
+        print(f"rendered {args.render}/report_evidence.md")
+        return 0
     cfg = report_config_from_args(ReportConfig, args, SHORTCUTS)
     check_report_inputs(cfg)
     if args.update_docs and not args.results_md.parent.is_dir():

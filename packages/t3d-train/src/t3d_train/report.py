@@ -686,6 +686,17 @@ def evidence_markdown(result: dict[str, Any]) -> str:
         per = [s[n]["clinical"]["per_finding"][f] for n in names]
         cells = ["–" if p["f1"] is None else f"{p['f1']:.2f}" for p in per]
         lines.append(f"| {f} | {per[0]['support']} | " + " | ".join(cells) + " |")
+    for n, path in result.get("files", {}).items():
+        if "generator" not in n or not Path(path).is_file():
+            continue
+        texts = [json.loads(line)["generated"] for line in
+                 Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        distinct = len(set(texts))
+        if distinct <= max(1, len(texts) // 10):
+            lines += ["", f"**WARNING: {n} wrote {distinct} distinct report(s) for "
+                      f"{len(texts)} test studies: it does not use the image, and its clinical "
+                      "F1 is that of a constant report (here: the findings its garbled text "
+                      "happens to state), not evidence of image understanding.**"]
     lines += ["", "95% intervals: percentile bootstrap over the test studies, "
               f"{result['n_resamples']} resamples, the same resamples for every system (paired).",
               "", "Comparisons, as measured by this run:", *result["verdicts"], "",
