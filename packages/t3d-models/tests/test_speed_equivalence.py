@@ -26,7 +26,9 @@ def _config(**vision):
 
     cfg = T3DModelConfig.from_preset("t3d-tiny-cpu")  # 64^3 crops: the smallest the
     # decoder's instance norm trains on (32^3 leaves a 1^3 bottleneck)
-    return cfg.model_copy(update={"vision": cfg.vision.model_copy(update=vision)})
+    # the reference is eager whatever the preset's defaults (it ships sdpa + channels_last)
+    knobs = {"attention": "eager", "channels_last": False, **vision}
+    return cfg.model_copy(update={"vision": cfg.vision.model_copy(update=knobs)})
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def reference():
 
     torch.manual_seed(0)
     model = T3DModel(_config()).train()
+    assert not any(type(m).__name__.startswith("SDPA") for m in model.modules())  # eager
     g = torch.Generator().manual_seed(3)
     crops = torch.rand(4, 1, 64, 64, 64, generator=g)
     corrupted = crops.clone()
@@ -112,6 +115,14 @@ def test_sdpa_window_attention_matches_monai_with_shift_mask_and_dropout_off():
     assert pytest.approx(0.0, abs=1e-3) != float(outs[0][2].abs().max())  # the bias is used
     pickled = copy.deepcopy(fast)  # the switched class survives copying (and pickling by name)
     assert type(pickled) is type(fast)
+
+
+def test_tiny_preset_ships_the_tested_knobs():
+    """The CPU preset's defaults are the knobs this file proves equal (docs/performance.md)."""
+    from t3d_models import T3DModelConfig
+
+    vision = T3DModelConfig.from_preset("t3d-tiny-cpu").vision
+    assert (vision.attention, vision.channels_last) == ("sdpa", True)
 
 
 def test_unknown_attention_kind_is_refused():
