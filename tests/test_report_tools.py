@@ -1,0 +1,177 @@
+"""Report generation end to end on a tiny phantom store: tools/finetune_report.py (with a resume)
+→ tools/generate_reports.py → scores; tools/report_evidence.py's table and docs section; config
+errors before torch; the README's report commands parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+CPU = str(ROOT / "tools/configs/report/cpu-phantom.yaml")
+#: A smaller decoder and resampler than the CPU config, and a few steps.
+TINY = ["--set", "model.checkpoint=null", "--set", "optim.batch_size=2", "--set",
+        "optim.warmup_steps=1", "--set", "generator.decoder.config.n_embd=32", "--set",
+        "generator.decoder.config.n_layer=1", "--set", "generator.decoder.config.n_head=2",
+        "--set", "generator.resampler.num_queries=4", "--set", "generator.resampler.heads=2",
+        "--set", "generator.resampler.depth=1", "--set", "run.threads=1"]
+
+
+def _main(script):
+    return runpy.run_path(str(TOOLS / script), run_name="not_main")["main"]
+
+
+@pytest.fixture(scope="module")
+def store(phantom_store):
+    return phantom_store(10, shape=(64, 64, 64), seed=5)
+
+
+def _log_steps(run):
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_resume_generate_and_score(store, tmp_path, capsys):
+    from t3d_data import VolumeDataset
+
+    run = tmp_path / "run"
+    finetune = _main("finetune_report.py")
+    args = ["--config", CPU, "--store", str(store), "--out", str(run), *TINY,
+            "--set", "run.checkpoint_every=1"]
+    assert finetune([*args, "--set", "optim.max_steps=2"]) == 0
+    assert "Report generator: 2 steps" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001",
+                                                                       "step-00000002"]
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[1])
+    # resume from the newest checkpoint: the log holds each step once, step 2's record unchanged
+    assert finetune([*args, "--set", "optim.max_steps=3", "--resume", "latest"]) == 0
+    assert _log_steps(run) == [1, 2, 3]
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[1]) == first
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["encoder"] == "frozen"
+    assert summary["encoder_source"] == "random:t3d-tiny-cpu"
+
+    out = tmp_path / "gen.jsonl"
+    gen = _main("generate_reports.py")
+    assert gen(["--checkpoint", str(run / "model"), "--store", str(store), "--out", str(out),
+                "--set", "generate.max_new_tokens=8", "--set", "generate.num_beams=2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    test = VolumeDataset(store, split="test")
+    assert [r["study_id"] for r in rows] == [test.store.records[i].study_id for i in test.indices]
+    assert [r["reference"] for r in rows] == [test.store.records[i].report for i in test.indices]
+    assert all(isinstance(r["generated"], str) for r in rows)
+    scores = json.loads(out.with_suffix(".scores.json").read_text())
+    assert scores["studies"] == len(rows) and set(scores) >= {"bleu1", "bleu4", "rougeL", "clinical"}
+    # scoring the JSONL alone gives the same numbers
+    assert gen(["--score", str(out)]) == 0
+    assert json.loads(out.with_suffix(".scores.json").read_text()) == scores
+    assert "clinical macro F1" in capsys.readouterr().out
+
+
+def test_evidence_table_and_docs_section(store, tmp_path):
+    import torch
+    from t3d_models import T3DModel
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "t3d"
+    T3DModel.from_preset("t3d-tiny-cpu").save_pretrained(ckpt)
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nearlier text\n", encoding="utf-8")
+    evidence = _main("report_evidence.py")
+    argv = ["--config", CPU, "--store", str(store), "--checkpoint", str(ckpt),
+            "--out", str(tmp_path / "ev"), *TINY[2:], "--set", "optim.max_steps=1",
+            "--set", "data.max_test=2", "--set", "generate.max_new_tokens=6", "--resamples", "50",
+            "--update-docs", "--results-md", str(docs)]
+    assert evidence(argv) == 0
+    res = json.loads((tmp_path / "ev/report_evidence.json").read_text())
+    names = list(res["systems"])
+    assert names == ["(a) most frequent training report",
+                     "(b) nearest training report (T3D retrieval)", "generator, T3D encoder",
+                     "(c) generator, random encoder"]
+    a = [json.loads(x) for x in (tmp_path / "ev/baseline_a.jsonl").read_text().splitlines()]
+    from collections import Counter
+
+    from t3d_data import VolumeStore
+
+    records = VolumeStore(store).records
+    train = [r.report for r in records if r.split == "train"]
+
+    top = max(Counter(train).values())
+    assert len({r["generated"] for r in a}) == 1 and Counter(train)[a[0]["generated"]] == top
+    assert len(res["verdicts"]) == 3 and all(" → " in v for v in res["verdicts"])
+    text = docs.read_text(encoding="utf-8")
+    assert text.startswith("# Results\n\nearlier text\n") and "## Report generation" in text
+    assert text.count("<!-- report-generation:start -->") == 1
+    assert "| generator, T3D encoder |" in text
+    # a second write replaces the section between the markers
+    from t3d_train.report import update_docs_section
+
+    update_docs_section(docs, "<!-- report-generation:start -->\nnew\n<!-- report-generation:end -->")
+    again = docs.read_text(encoding="utf-8")
+    assert again.count("report-generation:start") == 1 and "new" in again and "| (a)" not in again
+
+
+_PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("EXIT", e.code)
+print("HEAVY", sorted(m for m in ("torch", "monai", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(("script", "args", "needle"), [
+    ("finetune_report.py", ["--store", "{tmp}/missing"], "store: {tmp}/missing does not exist"),
+    ("finetune_report.py", ["--store", "{store}", "--set", "generator.decoder.tokenizer=null"],
+     "needs decoder.tokenizer"),
+    ("generate_reports.py", ["--checkpoint", "{tmp}", "--store", "{store}"],
+     "checkpoint: {tmp} has no report_config.json"),
+    ("report_evidence.py", ["--store", "{store}", "--set", "model.checkpoint=null"],
+     "model.checkpoint: the evidence compares a pre-trained encoder"),
+])
+def test_config_errors_fail_before_torch(tmp_path, script, args, needle):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "index.json").write_text("{}", encoding="utf-8")
+    fill = {"tmp": str(tmp_path), "store": str(store)}
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(TOOLS / script),
+                          *[a.format(**fill) for a in args]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert "EXIT 2" in res.stdout and "HEAVY []" in res.stdout, res.stdout + res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle.format(**fill) in lines[0], res.stderr
+
+
+def test_readme_report_commands_parse_into_valid_configs():
+    from t3d_train.eval_common import eval_parser
+    from t3d_train.report import GenerateConfig, ReportConfig, report_config_from_args
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"uv run python tools/(finetune_report|generate_reports|report_evidence)"
+                          r"\.py ([^\n]+)", readme)
+    assert {c[0] for c in commands} == {"finetune_report", "generate_reports", "report_evidence"}
+    for script, rest in commands:
+        argv = rest.split("#")[0].split()
+        tool = runpy.run_path(str(TOOLS / f"{script}.py"), run_name="not_main")
+        parser = eval_parser("", tool["SHORTCUTS"])
+        for extra in ("--resume", "--score", "--labeller", "--results-md", "--budget-minutes",
+                      "--resamples"):
+            parser.add_argument(extra)
+        parser.add_argument("--update-docs", action="store_true")
+        args = parser.parse_args(argv)
+        if getattr(args, "score", None):
+            continue
+        model = GenerateConfig if script == "generate_reports" else ReportConfig
+        cfg = report_config_from_args(model, args, tool["SHORTCUTS"])
+        if script == "finetune_report":
+            assert cfg.model.checkpoint == Path("runs/demo/model")
