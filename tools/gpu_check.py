@@ -54,7 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (a test of the script)")
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="JSON results")
     p.add_argument("--preset", default=None, help="model preset (default t3d-base; smoke: t3d-tiny-cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per setting (default 5; smoke 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed steps per setting after the first (default 5; smoke 0: the first)")
     p.add_argument("--loop-steps", type=int, default=None,
                    help="pre-training steps per loader setting (default 20; smoke 1)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
@@ -101,7 +102,7 @@ def step_matrix(matrix: list[tuple[int, str]], args: argparse.Namespace, device:
                 state = {k: v.detach().clone() for k, v in entry["model"].state_dict().items()}
             reset_peak_memory(device)
             first_s, _, first_loss = timed_step(entry, device)
-            times = [timed_step(entry, device)[0] for _ in range(args.repeats)]
+            times = [timed_step(entry, device)[0] for _ in range(args.repeats)] or [first_s]
             step_s = statistics.median(times)
             eager_loss.setdefault(crops, first_loss)
             row.update(step_s=step_s, crops_per_s=crops / step_s, first_step_s=first_s,
@@ -190,7 +191,8 @@ def loader_check(args: argparse.Namespace, workdir: Path) -> list[dict]:
     subprocess.run([sys.executable, "-m", "t3d_data.cli", "demo", str(workdir / "data"),
                     "--studies", studies, "--shape", *shape], check=True, env=env,
                    capture_output=True)
-    config = ["--config", str(ROOT / "tools/configs/pretrain/cpu-demo.yaml")] if args.smoke else [
+    config = ["--config", str(ROOT / "tools/configs/pretrain/cpu-demo.yaml"),
+              "--set", "data.batch_size=2"] if args.smoke else [
         "--config", str(ROOT / "tools/configs/pretrain/t3d-base.yaml"),
         "--set", "model.text.model_name_or_path=minilm", "--set", "model.text.max_length=128"]
     rows = []
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         device = torch.device("cpu")
         args.preset = args.preset or "t3d-tiny-cpu"
-        args.repeats = args.repeats or 1
+        args.repeats = 0 if args.repeats is None else args.repeats  # the first step is timed
         args.loop_steps = args.loop_steps or 1
         args.workers = args.workers or [0]
         matrix = SMOKE_MATRIX
