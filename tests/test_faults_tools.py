@@ -51,7 +51,8 @@ def test_hostile_study_ids_write_overlays_only_inside_out(tmp_path, monkeypatch)
     out = tmp_path / "work" / "a" / "b" / "out"
     gen = torch.Generator().manual_seed(0)
 
-    def studies(store_, split, lut, limit=None, progress=False, hu_window=None):
+    def studies(store_, split, lut, limit=None, progress=False, hu_window=None,
+                intensity="hu_window_linear"):
         label = torch.zeros(1, 8, 8, 8, dtype=torch.long)
         label[:, 2:5, 2:5, 2:6] = 1
         label[:, 5:7, 4:7, 1:4] = 2
@@ -59,10 +60,10 @@ def test_hostile_study_ids_write_overlays_only_inside_out(tmp_path, monkeypatch)
                 for sid in HOSTILE_IDS]
         return rows[:limit] if limit else rows
 
-    arch = SimpleNamespace(vision=SimpleNamespace(crop_size=(8, 8, 8)))
+    arch = SimpleNamespace(vision=SimpleNamespace(crop_size=(8, 8, 8), in_channels=1))
     monkeypatch.setattr(seg, "labelled_studies", studies)
     monkeypatch.setattr(seg, "build_network",
-                        lambda cfg, k, source=None: (torch.nn.Conv3d(1, k, 1), arch))
+                        lambda cfg, k, source=None, in_channels=None: (torch.nn.Conv3d(1, k, 1), arch))
     cfg = SegmentationConfig(scratch=True, store=store, out=out, steps=1, batch_size=1,
                              samples_per_volume=1, overlays=len(HOSTILE_IDS), roi_size=(8, 8, 8),
                              classes={"a": [1], "b": [2]}, sw_batch_size=1)
@@ -131,7 +132,7 @@ def test_wrong_paths_and_names_fail_before_heavy_imports(tmp_path, script, args,
     argv = [a.format(**fill) for a in args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", T3D_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", _PROBE, str(TOOLS / script), *argv], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
+                         env=env, capture_output=True, encoding="utf-8", timeout=120)
     assert "EXIT 2" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "HEAVY []" in res.stdout, res.stdout
     lines = res.stderr.strip().splitlines()
