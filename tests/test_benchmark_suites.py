@@ -29,7 +29,7 @@ TOOL = ROOT / "tools" / "benchmark.py"
 def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, encoding="utf-8", timeout=timeout)
 
 
 def _tool():
@@ -123,7 +123,7 @@ def test_protocol_keys_cannot_be_overridden(tmp_path):
         load_suite("nope")
     bad = tmp_path / "mine.yaml"
     text = (load_suite("phantom-zeroshot")[1]["file"])
-    bad.write_text(Path(text).read_text().replace("name: phantom-zeroshot", "name: mine")
+    bad.write_text(Path(text).read_text(encoding="utf-8").replace("name: phantom-zeroshot", "name: mine")
                    .replace("threshold: val", "threshold: test"))
     with pytest.raises(SuiteError, match="splits.threshold must differ from splits.test"):
         load_suite(bad)
@@ -132,7 +132,7 @@ def test_protocol_keys_cannot_be_overridden(tmp_path):
 # ------------------------------------------------------------------ refusals (before torch)
 
 def _strip(manifest: Path, out: Path, drop: tuple[str, ...]) -> Path:
-    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    lines = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()]
     out.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in drop}) + "\n"
                            for r in lines))
     return out
@@ -180,7 +180,7 @@ def test_phantom_zeroshot_cli_writes_json_markdown_and_docs(setup):
     args = ["phantom-zeroshot", "--checkpoint", str(setup["ckpt"]), "--store",
             str(setup["store"]), "--out", str(out), "--update-docs"]
     assert _tool().main([*args, "--results-md", str(md)]) == 0  # in-process: no import cost
-    r = json.loads((out / "phantom-zeroshot.json").read_text())
+    r = json.loads((out / "phantom-zeroshot.json").read_text(encoding="utf-8"))
     assert r["suite"]["name"] == "phantom-zeroshot" and r["suite"]["version"] == 1
     assert r["suite"]["frozen"] is True
     weights = (setup["ckpt"] / "model.safetensors").read_bytes()
@@ -198,11 +198,11 @@ def test_phantom_zeroshot_cli_writes_json_markdown_and_docs(setup):
             arm["metrics"])
         t = arm["thresholds"]
         assert t["split"] == "val" and t["rule"] == "youden" and t["studies"] == 2
-    text = (out / "phantom-zeroshot.md").read_text()
+    text = (out / "phantom-zeroshot.md").read_text(encoding="utf-8")
     assert "### Suite `phantom-zeroshot` v1" in text and r["checkpoint"]["sha256"][:16] in text
     assert "| metric | checkpoint | random init (baseline) |" in text
     assert "| macro AUC | " in text and "thresholds chosen on the 'val' split" in text
-    docs = md.read_text()
+    docs = md.read_text(encoding="utf-8")
     assert "kept" in docs and "old" not in docs and "**Measured here**" in docs
     assert "| data | model | macro AUC | macro F1 | macro balanced accuracy |" in docs
     assert "--results-md" not in docs
@@ -220,7 +220,7 @@ def test_phantom_retrieval_seg_and_classification_in_process(setup):
     _check_intervals(arm)
     for key, row in arm["metrics"].items():  # the bootstrap's estimate = evaluate()'s number
         assert row["estimate"] == pytest.approx(row["check"]), key
-    assert json.loads((out / "phantom-retrieval.json").read_text())["arms"]["checkpoint"]
+    assert json.loads((out / "phantom-retrieval.json").read_text(encoding="utf-8"))["arms"]["checkpoint"]
 
     suite, prov = load_suite("phantom-seg", ["finetune.steps=1", "label_fractions=[1.0]",
                                              "finetune.sw_batch_size=1"])
@@ -235,7 +235,7 @@ def test_phantom_retrieval_seg_and_classification_in_process(setup):
         have = [x for x in have if x is not None and math.isfinite(x)]
         assert m["mean Dice @ 100%"]["estimate"] == pytest.approx(np.mean(have))
         assert arm["fractions"]["100%"]["train_studies_used"] == 6
-    text = (out / "phantom-seg.md").read_text()
+    text = (out / "phantom-seg.md").read_text(encoding="utf-8")
     assert "**Not the frozen suite**" in text and "| mean Dice @ 100% |" in text
 
     suite, prov = load_suite("phantom-classification")

@@ -35,7 +35,7 @@ def store(phantom_store):
 
 
 def _log_steps(run):
-    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_finetune_resume_generate_and_score(store, tmp_path, capsys):
@@ -49,12 +49,12 @@ def test_finetune_resume_generate_and_score(store, tmp_path, capsys):
     assert "Report generator: 2 steps" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001",
                                                                        "step-00000002"]
-    first = json.loads((run / "log.jsonl").read_text().splitlines()[1])
+    first = json.loads((run / "log.jsonl").read_text(encoding="utf-8").splitlines()[1])
     # resume from the newest checkpoint: the log holds each step once, step 2's record unchanged
     assert finetune([*args, "--set", "optim.max_steps=3", "--resume", "latest"]) == 0
     assert _log_steps(run) == [1, 2, 3]
-    assert json.loads((run / "log.jsonl").read_text().splitlines()[1]) == first
-    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "log.jsonl").read_text(encoding="utf-8").splitlines()[1]) == first
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 3 and summary["encoder"] == "frozen"
     assert summary["encoder_source"] == "random:t3d-tiny-cpu"
 
@@ -62,16 +62,16 @@ def test_finetune_resume_generate_and_score(store, tmp_path, capsys):
     gen = _main("generate_reports.py")
     assert gen(["--checkpoint", str(run / "model"), "--store", str(store), "--out", str(out),
                 "--set", "generate.max_new_tokens=8", "--set", "generate.num_beams=2"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     test = VolumeDataset(store, split="test")
     assert [r["study_id"] for r in rows] == [test.store.records[i].study_id for i in test.indices]
     assert [r["reference"] for r in rows] == [test.store.records[i].report for i in test.indices]
     assert all(isinstance(r["generated"], str) for r in rows)
-    scores = json.loads(out.with_suffix(".scores.json").read_text())
+    scores = json.loads(out.with_suffix(".scores.json").read_text(encoding="utf-8"))
     assert scores["studies"] == len(rows) and set(scores) >= {"bleu1", "bleu4", "rougeL", "clinical"}
     # scoring the JSONL alone gives the same numbers
     assert gen(["--score", str(out)]) == 0
-    assert json.loads(out.with_suffix(".scores.json").read_text()) == scores
+    assert json.loads(out.with_suffix(".scores.json").read_text(encoding="utf-8")) == scores
     assert "clinical macro F1" in capsys.readouterr().out
 
 
@@ -90,12 +90,12 @@ def test_evidence_table_and_docs_section(store, tmp_path):
             "--set", "data.max_test=2", "--set", "generate.max_new_tokens=6", "--resamples", "50",
             "--update-docs", "--results-md", str(docs)]
     assert evidence(argv) == 0
-    res = json.loads((tmp_path / "ev/report_evidence.json").read_text())
+    res = json.loads((tmp_path / "ev/report_evidence.json").read_text(encoding="utf-8"))
     names = list(res["systems"])
     assert names == ["(a) most frequent training report",
                      "(b) nearest training report (T3D retrieval)", "generator, T3D encoder",
                      "(c) generator, random encoder"]
-    a = [json.loads(x) for x in (tmp_path / "ev/baseline_a.jsonl").read_text().splitlines()]
+    a = [json.loads(x) for x in (tmp_path / "ev/baseline_a.jsonl").read_text(encoding="utf-8").splitlines()]
     from collections import Counter
 
     from t3d_data import VolumeStore
@@ -146,7 +146,7 @@ def test_config_errors_fail_before_torch(tmp_path, script, args, needle):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     res = subprocess.run([sys.executable, "-c", _PROBE, str(TOOLS / script),
                           *[a.format(**fill) for a in args]], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, encoding="utf-8", timeout=120)
     assert "EXIT 2" in res.stdout and "HEAVY []" in res.stdout, res.stdout + res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and needle.format(**fill) in lines[0], res.stderr

@@ -46,7 +46,7 @@ def slurm(tmp_path):
         full = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
                 "STUB_LOG": str(log), **env}
         res = subprocess.run(["bash", str(SLURM / script), *args], cwd=ROOT, env=full,
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, encoding="utf-8", timeout=60)
         assert res.returncode == 0, (script, res.stdout, res.stderr)
         return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
 
@@ -122,7 +122,7 @@ def test_sharded_prepare_array_then_dependent_index_job(slurm):
     assert str(args.manifest) == env["MANIFEST"] and args.max_bad_fraction == 0.01
     # a missing variable stops before submitting anything, naming it
     res = subprocess.run(["bash", str(SLURM / "prepare_shards.sbatch")], cwd=ROOT,
-                         env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+                         env={"PATH": os.environ["PATH"]}, capture_output=True, encoding="utf-8")
     assert res.returncode != 0 and "set MANIFEST=" in res.stderr
 
 
@@ -137,6 +137,6 @@ def _load_pretrain_parser():
 
 def test_templates_are_valid_bash():
     for script in sorted(SLURM.iterdir()):
-        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, encoding="utf-8")
         assert res.returncode == 0, (script.name, res.stderr)
         assert shlex.split(script.read_text(encoding="utf-8").splitlines()[0]) == ["#!/bin/bash"]

@@ -105,7 +105,7 @@ def test_gpu_check_smoke_writes_its_table_and_json(tmp_path):
     out = tmp_path / "check.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, T3D_TEST_THREADS="1")
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--smoke", "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                         cwd=ROOT, env=env, capture_output=True, encoding="utf-8", timeout=1200)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["meta"]["smoke"] and result["meta"]["preset"] == "t3d-tiny-cpu"

@@ -26,7 +26,7 @@ def test_importing_the_package_and_its_run_modules_does_not_import_torch():
             "t3d_train.classification, t3d_train.segmentation, t3d_train.benchmark, "
             "t3d_train.eval_common, t3d_train.checkpoint; "
             "print(sorted(m for m in ('torch', 'monai', 'transformers') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
 

@@ -81,7 +81,7 @@ with open("/proc/self/status") as f:
 def _read_in_subprocess(path: Path, max_bytes: int | str = "default") -> tuple[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(max_bytes)],
-                         capture_output=True, text=True, timeout=120, env=env)
+                         capture_output=True, encoding="utf-8", timeout=120, env=env)
     lines = res.stdout.strip().splitlines()
     assert res.returncode == 0 and len(lines) >= 2, res.stdout + res.stderr[-2000:]
     return lines[-2], float(lines[-1].split()[1])
@@ -167,7 +167,7 @@ def test_small_mixed_manifest_keeps_every_good_study(tmp_path, make_dataset, cap
     assert str(data / "ct_004.nii") in q[1]["reason"] and "not found" in q[1]["reason"]
     # the CLI: each bad study on its own stderr line naming its file, then the verdict; exit 2
     res = subprocess.run([sys.executable, "-m", "t3d_data.cli", "prepare", str(manifest), str(out),
-                          "--no-progress"], capture_output=True, text=True, timeout=120)
+                          "--no-progress"], capture_output=True, encoding="utf-8", timeout=120)
     assert res.returncode == 2, res.stderr
     err = res.stderr.splitlines()
     assert len(err) == 3 and str(trunc) in err[0] and str(data / "ct_004.nii") in err[1], err
@@ -226,7 +226,7 @@ def test_foreign_files_in_the_output_folder_are_untouched(tmp_path, make_dataset
     # 2. its own store: foreign entries inside are left alone, only its own leftovers go
     out = tmp_path / "store"
     prepare(manifest, out, progress=False)
-    assert json.loads((out / "t3d-store.json").read_text())["format"] == "t3d-store"
+    assert json.loads((out / "t3d-store.json").read_text(encoding="utf-8"))["format"] == "t3d-store"
     keys = [r.key for r in VolumeStore(out).records]
     (out / "studies" / "my_important_results").mkdir()
     (out / "studies" / "my_important_results" / "table.csv").write_text("a,b\n")
@@ -241,7 +241,7 @@ def test_foreign_files_in_the_output_folder_are_untouched(tmp_path, make_dataset
     assert (summary.skipped, summary.prepared) == (2, 0)
     assert sorted(p.name for p in (out / "studies").iterdir()) == sorted(
         [*keys[:2], "my_important_results", ".tmp-keepme", "notes.txt"])
-    assert (out / "studies" / "my_important_results" / "table.csv").read_text() == "a,b\n"
+    assert (out / "studies" / "my_important_results" / "table.csv").read_text(encoding="utf-8") == "a,b\n"
     assert (out / "README.txt").exists() and not (out / ".tmp-index.json.999999").exists()
     assert _tree(tmp_path, skip=out) == outside
     # a store written before markers existed (valid index.json) is adopted

@@ -121,7 +121,7 @@ def test_store_round_trip_of_four_channel_studies(tmp_path):
         assert np.array_equal(part, np.asarray(store.array(i)[(slice(None), *box)]))  # zarr
         assert np.array_equal(store.read_mask(i),
                               read_mask(folder / f"case{i}-seg.nii.gz").array)
-        meta = json.loads((tmp_path / "store/studies" / rec.key / "image/zarr.json").read_text())
+        meta = json.loads((tmp_path / "store/studies" / rec.key / "image/zarr.json").read_text(encoding="utf-8"))
         assert meta["shape"] == [4, 20, 18, 16] and meta["data_type"] == "float32"
         assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 8, 8, 8]
     assert store._fast_layout(0, "image") is not None  # the direct chunk reader served it
@@ -132,7 +132,7 @@ def test_store_round_trip_of_four_channel_studies(tmp_path):
     assert not {"n_channels", "channels", "modality"} & set(index["studies"][2])
     # a rerun reuses the unchanged studies; reordering channel files is a change
     assert prepare(manifest, tmp_path / "store", chunk=8, progress=False).skipped == 3
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
     rows[0]["image"] = rows[0]["image"][::-1]
     rows[0]["channels"] = NAMES[::-1]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

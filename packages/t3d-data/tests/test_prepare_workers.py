@@ -54,7 +54,7 @@ def _descendants(pid: int) -> dict[int, int]:
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         parents[int(stat.parent.name)] = int(fields[1])
@@ -71,7 +71,7 @@ def _descendants(pid: int) -> dict[int, int]:
 
 def _alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
@@ -87,7 +87,7 @@ def _start(manifest: Path, out: Path, delay: float) -> subprocess.Popen:
     env = {**os.environ, "T3D_DATA_PREPARE_TEST_DELAY": str(delay)}
     return subprocess.Popen([CLI, "prepare", str(manifest), str(out), "--workers", "2",
                              "--chunk", "16", "--no-progress"], env=env, stderr=subprocess.PIPE,
-                            text=True)
+                            encoding="utf-8")
 
 
 def _wait_for_more_than(out: Path, n: int, proc: subprocess.Popen) -> None:

@@ -43,7 +43,7 @@ def test_three_concurrent_shards_then_index_equal_one_prepare(tmp_path, make_dat
     env = {**os.environ, "T3D_DATA_PREPARE_TEST_DELAY": "0.2"}  # keep the three runs overlapping
     procs = [subprocess.Popen([CLI, "prepare", str(manifest), str(out), "--shard", f"{i}/3",
                                "--chunk", "16", "--max-bad-fraction", "0.5", "--no-progress"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
              for i in range(3)]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, results, strict=True):

@@ -94,7 +94,7 @@ def test_lookup_finds_the_phantom_by_its_sources_and_nothing_for_other_stores(
 def test_phantom_twins_match_a_naive_rendering(phantom_store):
     store, sidecar = phantom_store
     records = {json.loads(x)["study_id"]: json.loads(x)
-               for x in sidecar.read_text().splitlines() if x.strip()}
+               for x in sidecar.read_text(encoding="utf-8").splitlines() if x.strip()}
     twins = PHANTOM_TASKS.report_twins(store)
     assert isinstance(twins, PhantomTwins)
     ids = [*sorted(records), "not_a_phantom_study"]
