@@ -121,6 +121,14 @@ print("HEAVY", sorted(m for m in ("torch", "monai", "transformers") if m in sys.
      "provider (--tasks NAME; known: phantom)"),
     ("evaluate.py", ["--store", "{store}", "--tasks", "nosuch"],
      "tasks: no dataset tasks named 'nosuch'; known: phantom"),
+    # report generation tools (tools/finetune_report.py, generate_reports.py, report_evidence.py)
+    ("finetune_report.py", ["--store", "{tmp}/missing"], "store: {tmp}/missing does not exist"),
+    ("finetune_report.py", ["--store", "{store}", "--set", "generator.decoder.tokenizer=null"],
+     "needs decoder.tokenizer"),
+    ("generate_reports.py", ["--checkpoint", "{tmp}", "--store", "{store}"],
+     "checkpoint: {tmp} has no report_config.json"),
+    ("report_evidence.py", ["--store", "{store}", "--set", "model.checkpoint=null"],
+     "model.checkpoint: the evidence compares a pre-trained encoder"),
 ])
 def test_wrong_paths_and_names_fail_before_heavy_imports(tmp_path, script, args, needle):
     """One line, exit 2, and torch / monai / transformers never imported (seconds, not a minute)."""
