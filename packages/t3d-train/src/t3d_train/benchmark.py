@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from t3d_train.files import write_text_atomic
+from t3d_train.files import jsonable, write_text_atomic
 
 #: ``(key, label)`` of the rows of the mean ± std table, in order.
 SUMMARY_ROWS = [
@@ -183,16 +183,6 @@ def downstream(cfg: dict[str, Any], arm: str, seed: int, model: Any, ckpt: Path 
 
 
 # ---------------------------------------------------------------- per-run files and --reuse
-def jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def save_run(res: dict[str, Any], runs_dir: Path, name: str) -> None:
     """``RUNS/NAME.json`` (+ ``.md``) without the per-study values, which go to
     ``RUNS/NAME.per_study.json`` (NaN → null)."""

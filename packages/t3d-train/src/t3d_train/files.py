@@ -11,6 +11,7 @@ new one, never part of one. (The packages cannot depend on t3d_train; they keep 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, payload: Any) -> None:
     """``json.dumps(payload, indent=2)`` written with :func:`write_text_atomic`."""
     write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with dict keys as strings, tuples as lists, NaN/inf as ``None`` and numpy/torch
+    scalars as Python numbers, for ``json.dumps(..., allow_nan=False)``."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item") and not isinstance(x, str):
+        return jsonable(x.item())
+    return x

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from t3d_train.config import ConfigError, apply_overrides, format_validation_error
 from t3d_train.eval_config import EmbeddingSection, ProbeSection
-from t3d_train.files import write_text_atomic
+from t3d_train.files import jsonable, write_text_atomic
 
 __all__ = [
     "Suite", "SuiteError", "available_suites", "check_store_for", "describe_suites",
@@ -606,18 +606,6 @@ def run_suite(suite: Suite, provenance: dict[str, Any], checkpoint: Path, store:
 
 # --------------------------------------------------------------------------- outputs
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item") and not isinstance(x, str):
-        return _jsonable(x.item())
-    return x
-
-
 def cell(row: dict[str, Any] | None) -> str:
     """``0.612 [0.501, 0.733]``, ``n/a`` for an undefined metric."""
     if row is None:
@@ -675,7 +663,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     name = results["suite"]["name"]
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    write_text_atomic(json_path, json.dumps(_jsonable(results), indent=2, allow_nan=False))
+    write_text_atomic(json_path, json.dumps(jsonable(results), indent=2, allow_nan=False))
     write_text_atomic(md_path, markdown(results))
     return json_path, md_path
 
