@@ -138,6 +138,7 @@ def test_decoding_options_and_training_flags(gen, studies):
 
 def test_save_and_load_round_trip(tmp_path, gen, studies):
     tokens, pos, mask = pad_studies([s[0] for s in studies], [s[1] for s in studies])
+    gen.resampler.fit_location_stats([s[0] for s in studies], [s[1] for s in studies])
     gen.save_pretrained(tmp_path / "model", card={"steps": 3})
     assert {p.name for p in (tmp_path / "model").iterdir()} == {
         "report_config.json", "model.safetensors", "decoder", "README.md"}
@@ -146,6 +147,8 @@ def test_save_and_load_round_trip(tmp_path, gen, studies):
     back.eval()
     ids = gen.tokenize_reports(REPORTS)
     assert back.tokenizer.get_vocab() == gen.tokenizer.get_vocab()
+    assert bool(back.resampler.location_fitted)  # the location statistics travel with the weights
+    assert torch.equal(back.resampler.location_mean, gen.resampler.location_mean)
     assert back(tokens, pos, mask, **ids)["loss"].item() == pytest.approx(
         gen(tokens, pos, mask, **ids)["loss"].item(), abs=1e-6)
     assert back.generate(tokens, pos, mask, max_new_tokens=6) == \
@@ -161,3 +164,61 @@ def test_decoder_config_errors():
         model_name_or_path="/no/such/decoder", tokenizer="minilm")})
     with pytest.raises(ValueError, match="generator.decoder.model_name_or_path: cannot find"):
         ReportGenerator(cfg)
+
+
+def test_location_statistics_match_a_naive_per_cell_loop():
+    """Per-cell mean/std of the tokens whose centre falls in each G³ cell; cells with too few
+    tokens use the statistics over all tokens; unfitted (or grid 0) is the identity."""
+    from t3d_models.report import VisualResampler
+
+    torch.manual_seed(0)
+    res = VisualResampler(5, 16, ResamplerConfig(num_queries=2, depth=1, heads=2, location_grid=2))
+    toks = [torch.randn(6, 5) * 3 + 1, torch.randn(4, 5)]
+    pos = [torch.tensor([[0.1, 0.1, 0.1]] * 3 + [[0.9, 0.1, 0.6]] * 3),
+           torch.tensor([[0.2, 0.3, 0.4], [0.7, 0.2, 0.9], [0.6, 0.1, 0.8], [0.99, 0.9, 0.9]])]
+    x, p = torch.cat(toks), torch.cat(pos)
+    assert torch.equal(res.standardise(x, p), x)  # not fitted yet
+    info = res.fit_location_stats(toks, pos)
+    cells = [int(i) * 4 + int(j) * 2 + int(k) for i, j, k in (p >= 0.5).long().tolist()]
+    assert info == {"cells": 2, "tokens": 10}  # cell 0 (4 tokens) and cell 5 (5 tokens)
+    for c in range(8):
+        rows = x[[i for i, cc in enumerate(cells) if cc == c]]
+        mean, std = (rows.mean(0), rows.std(0, unbiased=False)) if len(rows) >= 2 else \
+            (x.mean(0), x.std(0, unbiased=False))
+        assert torch.allclose(res.location_mean[c], mean, atol=1e-5), c
+        assert torch.allclose(res.location_std[c], std, atol=1e-5), c
+    z = res.standardise(x, p)
+    for c in (0, 5):
+        sel = [i for i, cc in enumerate(cells) if cc == c]
+        assert torch.allclose(z[sel].mean(0), torch.zeros(5), atol=1e-5)
+    off = VisualResampler(5, 16, ResamplerConfig(num_queries=2, depth=1, heads=2, location_grid=0))
+    assert off.fit_location_stats(toks, pos) == {"cells": 0, "tokens": 0}
+    assert torch.equal(off.standardise(x, p), x)
+
+
+def test_finding_head_loss_is_the_weighted_binary_cross_entropy(studies):
+    torch.manual_seed(0)
+    cfg = _config().model_copy(update={"findings": ["cardiomegaly", "pleural_effusion", "nodule"],
+                                       "finding_loss_weight": 0.5})
+    model = ReportGenerator(cfg, reports=REPORTS).eval()
+    tokens, pos, mask = pad_studies([s[0] for s in studies], [s[1] for s in studies])
+    ids = model.tokenize_reports(REPORTS)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out = model(tokens, pos, mask, **ids, finding_labels=labels)
+    logits = out["finding_logits"]
+    assert logits.shape == (2, 3)
+    p = torch.sigmoid(logits)
+    naive = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
+    assert out["finding_loss"].item() == pytest.approx(naive.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["lm_loss"].item() + 0.5 * naive.item(), rel=1e-5)
+    plain = model(tokens, pos, mask, **ids)
+    assert plain["loss"].item() == pytest.approx(out["lm_loss"].item()) and "finding_loss" not in plain
+    assert torch.allclose(model.predict_findings(tokens, pos, mask), p, atol=1e-6)
+    # the finding loss reaches the resampler (the prefix), not only the head
+    model.zero_grad()
+    model(tokens, pos, mask, **ids, finding_labels=labels)["finding_loss"].backward()
+    assert model.resampler.queries.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="finding_labels"):
+        model(tokens, pos, mask, **ids, finding_labels=labels[:, :2])
+    with pytest.raises(ValueError, match="no finding head"):
+        ReportGenerator(_config(), reports=REPORTS).finding_logits(torch.zeros(1, 4, 32))

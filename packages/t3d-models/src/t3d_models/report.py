@@ -102,6 +102,13 @@ class ResamplerConfig(_Strict):
         position_frequencies: Fourier frequencies of the token position encoding (the token's
             centre as a fraction of the volume along each RAS axis), which is how left and
             right reach the decoder.
+        location_grid: ``G``: tokens are standardised per location cell of a ``G x G x G``
+            grid over the volume (the mean and std of the training studies' tokens whose centre
+            falls in that cell, fitted once by :meth:`VisualResampler.fit_location_stats` and
+            saved with the weights). A frozen encoder's tokens are dominated by *where* in the
+            body they are; what differs between studies (the findings) is a small deviation
+            from the average token at that place, which this makes visible. 0: no location
+            standardisation (a LayerNorm per token only).
     """
 
     num_queries: int = Field(16, ge=1)
@@ -110,6 +117,7 @@ class ResamplerConfig(_Strict):
     width: int | None = Field(None, ge=8)
     dropout: float = Field(0.1, ge=0, lt=1)
     position_frequencies: int = Field(4, ge=1)
+    location_grid: int = Field(4, ge=0, le=16)
 
 
 class ReportGeneratorConfig(_Strict):
@@ -126,6 +134,11 @@ class ReportGeneratorConfig(_Strict):
         overlap: sliding-window overlap of the crops that cover a study.
         encoder_source: where the encoder weights came from (a checkpoint folder, or
             ``random:<preset>``), for the model card and results.
+        findings: names of the findings an auxiliary head predicts from the visual prefix
+            (multi-label, binary cross-entropy against labels read from the training reports);
+            empty: no head. The head makes the prefix carry what the report must state, so the
+            decoder has something image-specific to read (see docs/report_generation.md).
+        finding_loss_weight: weight of that loss next to the token cross-entropy.
     """
 
     vision: VisionConfig
@@ -136,6 +149,8 @@ class ReportGeneratorConfig(_Strict):
     decoder: DecoderConfig
     overlap: float = Field(0.25, ge=0, lt=1)
     encoder_source: str = ""
+    findings: list[str] = Field(default_factory=list)
+    finding_loss_weight: float = Field(1.0, ge=0)
 
 
 def crop_token_positions(start: tuple[int, int, int], crop_size: tuple[int, int, int],
@@ -190,6 +205,12 @@ class VisualResampler(nn.Module):
         if width % config.heads:
             raise ValueError(f"resampler width {width} is not divisible by heads {config.heads}")
         self.frequencies = config.position_frequencies
+        self.grid = config.location_grid
+        cells = max(1, self.grid) ** 3
+        # per-cell token statistics (identity until fitted); part of the saved state
+        self.register_buffer("location_mean", torch.zeros(cells, token_dim))
+        self.register_buffer("location_std", torch.ones(cells, token_dim))
+        self.register_buffer("location_fitted", torch.zeros((), dtype=torch.bool))
         self.token_in = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
         self.position_in = nn.Linear(6 * self.frequencies, width)
         self.queries = nn.Parameter(torch.randn(config.num_queries, width) * 0.02)
@@ -198,6 +219,54 @@ class VisualResampler(nn.Module):
                                        dropout=config.dropout, batch_first=True, norm_first=True)
             for _ in range(config.depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
+
+    def location_cells(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat index of the ``G x G x G`` cell of each position in [0, 1]³ (``(...,)`` long)."""
+        g = max(1, self.grid)
+        ijk = (positions * g).long().clamp(0, g - 1)
+        return (ijk[..., 0] * g + ijk[..., 1]) * g + ijk[..., 2]
+
+    @torch.no_grad()
+    def fit_location_stats(self, tokens: list[torch.Tensor], positions: list[torch.Tensor],
+                           min_count: int = 2) -> dict[str, int]:
+        """Fit the per-cell mean and std from studies' ``(T_i, C)`` tokens and ``(T_i, 3)``
+        positions (the training studies). A cell with fewer than ``min_count`` tokens uses the
+        statistics over all tokens. No-op when ``location_grid`` is 0.
+
+        Returns:
+            ``{"cells": cells with their own statistics, "tokens": tokens used}``.
+        """
+        if self.grid == 0:
+            return {"cells": 0, "tokens": 0}
+        if not tokens:
+            raise ValueError("fit_location_stats needs the tokens of at least one study")
+        x = torch.cat([t.detach().float().cpu() for t in tokens])
+        cell = self.location_cells(torch.cat([p.detach().float().cpu() for p in positions]))
+        n = self.location_mean.shape[0]
+        count = torch.bincount(cell, minlength=n).float()
+        total = torch.zeros(n, x.shape[1]).index_add_(0, cell, x)
+        square = torch.zeros(n, x.shape[1]).index_add_(0, cell, x * x)
+        mean = total / count.clamp_min(1)[:, None]
+        var = (square / count.clamp_min(1)[:, None] - mean**2).clamp_min(0)
+        own = count >= min_count
+        g_mean, g_std = x.mean(0), x.std(0, unbiased=False)
+        mean[~own] = g_mean
+        std = var.sqrt()
+        std[~own] = g_std
+        # a channel that never varies in a cell is left unscaled rather than blown up
+        std = torch.where(std > 1e-6 * (1 + g_std), std, torch.ones_like(std))
+        self.location_mean.copy_(mean)
+        self.location_std.copy_(std)
+        self.location_fitted.fill_(True)
+        return {"cells": int(own.sum()), "tokens": int(x.shape[0])}
+
+    def standardise(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Tokens minus the mean token of their location cell, over its std (identity when
+        ``location_grid`` is 0 or the statistics were never fitted)."""
+        if self.grid == 0 or not bool(self.location_fitted):
+            return tokens
+        cell = self.location_cells(positions)
+        return (tokens - self.location_mean[cell].to(tokens)) / self.location_std[cell].to(tokens)
 
     def position_features(self, positions: torch.Tensor) -> torch.Tensor:
         """Fourier features ``(..., 6F)`` of positions in [0, 1]³."""
@@ -208,7 +277,8 @@ class VisualResampler(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T, C)`` tokens, ``(B, T, 3)`` positions, ``(B, T)`` mask → ``(B, Q, out_dim)``."""
-        memory = self.token_in(tokens) + self.position_in(self.position_features(positions))
+        memory = (self.token_in(self.standardise(tokens, positions))
+                  + self.position_in(self.position_features(positions)))
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         pad = None if mask is None else ~mask.bool()
         for layer in self.layers:
@@ -349,6 +419,8 @@ class ReportGenerator(nn.Module):
         self.vision = vision
         hidden = self.decoder.get_input_embeddings().embedding_dim
         self.resampler = VisualResampler(self.vision.token_channels, hidden, config.resampler)
+        self.finding_head = (nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, len(config.findings)))
+                             if config.findings else None)
         self.bos_id, self.eos_id, self.pad_id = _special_ids(self.tokenizer)
         self.apply_encoder_mode()
 
@@ -430,8 +502,26 @@ class ReportGenerator(nn.Module):
         """The visual prefix ``(B, Q, hidden)`` of padded study tokens."""
         return self.resampler(tokens, positions, mask)
 
+    def finding_logits(self, prefix: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` logits of ``config.findings`` from a visual prefix ``(B, Q, hidden)``."""
+        if self.finding_head is None:
+            raise ValueError("this generator has no finding head (generator.findings is empty)")
+        return self.finding_head(prefix.mean(dim=1))
+
+    @torch.no_grad()
+    def predict_findings(self, tokens: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, F)`` probabilities of ``config.findings`` for padded study tokens."""
+        was = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self.finding_logits(self.prefix(tokens, positions, mask)))
+        finally:
+            self.train(was)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                finding_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Teacher-forced report loss given the visual tokens.
 
         Args:
@@ -440,10 +530,14 @@ class ReportGenerator(nn.Module):
             mask: ``(B, T)`` True for real tokens.
             input_ids: ``(B, L)`` from :meth:`tokenize_reports` (``bos`` first).
             attention_mask: ``(B, L)``.
+            finding_labels: ``(B, F)`` 0/1 labels of ``config.findings`` (the auxiliary loss;
+                needs a finding head).
 
         Returns:
-            ``{"loss": mean token cross-entropy over the report tokens and eos, "logits":
-            (B, Q + L, V)}``.
+            ``{"loss", "lm_loss", "logits": (B, Q + L, V)}`` and, with ``finding_labels``,
+            ``"finding_loss"`` and ``"finding_logits"``: ``loss`` is the mean token
+            cross-entropy over the report tokens and eos, plus ``finding_loss_weight`` x the
+            findings' binary cross-entropy.
         """
         prefix = self.prefix(tokens, positions, mask)
         embeds = self.decoder.get_input_embeddings()(input_ids)
@@ -454,7 +548,17 @@ class ReportGenerator(nn.Module):
         labels[:, 0] = -100  # bos is given, not predicted
         labels = torch.cat([labels.new_full((labels.shape[0], q), -100), labels], dim=1)
         out = self.decoder(inputs_embeds=inputs, attention_mask=attn, labels=labels)
-        return {"loss": out.loss, "logits": out.logits}
+        result = {"loss": out.loss, "lm_loss": out.loss, "logits": out.logits}
+        if finding_labels is not None:
+            logits = self.finding_logits(prefix)
+            if finding_labels.shape != logits.shape:
+                raise ValueError(f"finding_labels {tuple(finding_labels.shape)} do not match "
+                                 f"(batch, findings) = {tuple(logits.shape)}")
+            bce = nn.functional.binary_cross_entropy_with_logits(logits.float(),
+                                                                 finding_labels.float())
+            result.update(finding_loss=bce, finding_logits=logits,
+                          loss=out.loss + self.config.finding_loss_weight * bce)
+        return result
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *,
