@@ -85,13 +85,29 @@ def test_evidence_table_and_docs_section(store, tmp_path):
     argv = ["--config", CPU, "--store", str(store), "--checkpoint", str(ckpt),
             "--out", str(tmp_path / "ev"), *TINY[2:], "--set", "optim.max_steps=1",
             "--set", "data.max_test=2", "--set", "generate.max_new_tokens=6", "--resamples", "50",
-            "--update-docs", "--results-md", str(docs)]
+            "--update-docs", "--results-md", str(docs), "--ablations"]
     assert evidence(argv) == 0
     res = json.loads((tmp_path / "ev/report_evidence.json").read_text(encoding="utf-8"))
     names = list(res["systems"])
     assert names == ["(a) most frequent training report",
                      "(b) nearest training report (T3D retrieval)", "generator, T3D encoder",
-                     "(c) generator, random encoder"]
+                     "(c) generator, random encoder",
+                     "(d) a random training report (chance level)",
+                     "ablation: T3D encoder, no location standardisation",
+                     "ablation: T3D encoder, no finding loss"]
+    # each ablation arm really changed the one setting it names
+    no_loc = json.loads((tmp_path / "ev/ablation_no_location/model/report_config.json")
+                        .read_text(encoding="utf-8"))
+    no_head = json.loads((tmp_path / "ev/ablation_no_finding_loss/model/report_config.json")
+                         .read_text(encoding="utf-8"))
+    full = json.loads((tmp_path / "ev/t3d/model/report_config.json").read_text(encoding="utf-8"))
+    assert (full["resampler"]["location_grid"], len(full["findings"])) == (4, 7)
+    assert (no_loc["resampler"]["location_grid"], len(no_loc["findings"])) == (0, 7)
+    assert (no_head["resampler"]["location_grid"], no_head["findings"]) == (4, [])
+    # a rerun reuses the cached crop tokens (same store, studies and weights)
+    cache = tmp_path / "ev/features/t3d-test.safetensors"
+    stamp = cache.stat().st_mtime_ns
+    assert evidence([*argv[:-1]]) == 0 and cache.stat().st_mtime_ns == stamp
     a = [json.loads(x) for x in (tmp_path / "ev/baseline_a.jsonl").read_text(encoding="utf-8").splitlines()]
     from collections import Counter
 
@@ -102,7 +118,10 @@ def test_evidence_table_and_docs_section(store, tmp_path):
 
     top = max(Counter(train).values())
     assert len({r["generated"] for r in a}) == 1 and Counter(train)[a[0]["generated"]] == top
-    assert len(res["verdicts"]) == 3 and all(" → " in v for v in res["verdicts"])
+    d = [json.loads(x)["generated"] for x in
+         (tmp_path / "ev/baseline_d.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(d) == 2 and set(d) <= set(train)
+    assert len(res["verdicts"]) == 6 and all(" → " in v for v in res["verdicts"])
     text = docs.read_text(encoding="utf-8")
     assert text.startswith("# Results\n\nearlier text\n") and "## Report generation" in text
     assert text.count("<!-- report-generation:start -->") == 1
@@ -131,6 +150,7 @@ def test_readme_report_commands_parse_into_valid_configs():
                       "--resamples"):
             parser.add_argument(extra)
         parser.add_argument("--update-docs", action="store_true")
+        parser.add_argument("--ablations", action="store_true")
         args = parser.parse_args(argv)
         if getattr(args, "score", None):
             continue
@@ -138,3 +158,21 @@ def test_readme_report_commands_parse_into_valid_configs():
         cfg = report_config_from_args(model, args, tool["SHORTCUTS"])
         if script == "finetune_report":
             assert cfg.model.checkpoint == Path("runs/demo/model")
+
+
+def test_token_cache_is_reused_only_for_the_same_inputs(tmp_path):
+    import torch
+    from t3d_train.report import _cached
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [(torch.full((2, 3), float(len(calls))), torch.zeros(2, 3))]
+
+    path = tmp_path / "t3d-test.safetensors"
+    first = _cached(path, compute, {"store": "a", "studies": ["s1"]})
+    again = _cached(path, compute, {"store": "a", "studies": ["s1"]})
+    assert len(calls) == 1 and torch.equal(first[0][0], again[0][0])
+    other = _cached(path, compute, {"store": "b", "studies": ["s1"]})  # another store: recomputed
+    assert len(calls) == 2 and other[0][0].unique().tolist() == [2.0]

@@ -6,7 +6,8 @@
 
 Arms: the generator on the pre-trained (frozen) encoder; (a) the most frequent training report;
 (b) the nearest training report by T3D volume→report retrieval; (c) the generator on a randomly
-initialised encoder. Clinical macro F1 with paired bootstrap 95% intervals, BLEU-1..4, ROUGE-L.
+initialised encoder; with ``--ablations``, the generator without location standardisation and
+without the finding loss. Clinical macro F1 with paired bootstrap 95% intervals, BLEU-1..4, ROUGE-L.
 Writes ``RUN/report_evidence.{json,md}`` and one JSONL per system; ``--update-docs`` also
 rewrites the "Report generation" section of docs/results.md. Logic: ``t3d_train.report``.
 """
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the results file --update-docs writes (default {DOCS})")
     parser.add_argument("--budget-minutes", type=int, default=40, help="stated in the table")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also fine-tune the generator on the T3D tokens without location "
+                             "standardisation and without the finding loss (two more arms)")
     parser.add_argument("--render", metavar="RUN", type=Path,
                         help="only re-render RUN/report_evidence.json (no training) into "
                              "RUN/report_evidence.md and, with --update-docs, --results-md")
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{os.cpu_count()} CPU cores (shared with other jobs; times are not benchmarks)"
     result = report_evidence(cfg, budget_minutes=args.budget_minutes, n_resamples=args.resamples,
                              docs=args.results_md if args.update_docs else None, command=command,
-                             machine=machine, progress=True)
+                             machine=machine, progress=True, ablations=args.ablations)
     for line in result["verdicts"]:
         print(line)
     print(f"wrote {cfg.run.output_dir}/report_evidence.json and .md"

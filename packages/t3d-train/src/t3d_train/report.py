@@ -36,6 +36,9 @@ SECTION_START = "<!-- report-generation:start -->"
 SECTION_END = "<!-- report-generation:end -->"
 #: ``t3d_models.report.CONFIG_NAME``: the file that marks a saved generator folder.
 GENERATOR_CONFIG = "report_config.json"
+#: Training studies whose tokens fit the resampler's location statistics when the encoder is
+#: not frozen (a frozen encoder's cached tokens of every training study are used).
+LOCATION_FIT_STUDIES = 64
 
 
 class DecoderSection(BaseModel):
@@ -70,6 +73,7 @@ class ResamplerSection(BaseModel):
     width: int | None = Field(None, ge=8)
     dropout: float = Field(0.1, ge=0, lt=1)
     position_frequencies: int = Field(4, ge=1)
+    location_grid: int = Field(4, ge=0, le=16)
 
 
 class GeneratorSection(BaseModel):
@@ -80,6 +84,9 @@ class GeneratorSection(BaseModel):
     trainable_stages: int = Field(1, ge=1, le=4)
     resampler: ResamplerSection = Field(default_factory=ResamplerSection)
     decoder: DecoderSection = Field(default_factory=DecoderSection)
+    #: Weight of the auxiliary finding loss: a head on the visual prefix predicts the findings
+    #: the ``labeller`` reads in each training report (0: no head).
+    finding_loss_weight: float = Field(1.0, ge=0)
 
 
 class ReportDataSection(BaseModel):
@@ -208,6 +215,31 @@ def train_reports(cfg: ReportConfig) -> list[str]:
     return [store.records[i].report for i in idx]
 
 
+def finding_names(cfg: ReportConfig) -> list[str]:
+    """The findings of the auxiliary head: the ``labeller`` vocabulary's, or none when
+    ``generator.finding_loss_weight`` is 0."""
+    if cfg.generator.finding_loss_weight == 0:
+        return []
+    from t3d_eval.report_labeller import vocabulary
+
+    return [rule.name for rule in vocabulary(cfg.labeller)]
+
+
+def finding_targets(reports: list[str], labeller: str, names: list[str]) -> Any:
+    """``(N, F)`` float 0/1 targets: the findings ``names`` the labeller reads as present."""
+    import torch
+    from t3d_eval.report_labeller import ReportLabeller, vocabulary
+
+    rules = {r.name: r for r in vocabulary(labeller)}
+    missing = [n for n in names if n not in rules]
+    if missing:
+        raise ConfigError(f"generator findings {missing} are not in the {labeller!r} labeller "
+                          f"vocabulary ({sorted(rules)}); set labeller to the vocabulary the "
+                          "generator was trained with")
+    pos = ReportLabeller([rules[n] for n in names]).positives(reports)
+    return torch.tensor(pos, dtype=torch.float32).reshape(len(reports), len(names))
+
+
 def build_generator(cfg: ReportConfig, encoder_model: Any = None) -> Any:
     """The generator on the encoder of ``cfg.model`` (a T3D checkpoint, or the random-init
     preset when ``checkpoint`` is null), seeded by ``run.seed``; ``encoder_model`` (a
@@ -232,7 +264,9 @@ def build_generator(cfg: ReportConfig, encoder_model: Any = None) -> Any:
                                     encoder=g.encoder, trainable_stages=g.trainable_stages,
                                     resampler=ResamplerConfig(**g.resampler.model_dump()),
                                     decoder=DecoderConfig(**g.decoder.model_dump()),
-                                    overlap=cfg.data.overlap, encoder_source=source)
+                                    overlap=cfg.data.overlap, encoder_source=source,
+                                    findings=finding_names(cfg),
+                                    finding_loss_weight=g.finding_loss_weight)
     torch.manual_seed(cfg.run.seed + 1)  # resampler + decoder init, independent of the encoder's
     try:
         return ReportGenerator.from_t3d(t3d, gen_cfg, reports=train_reports(cfg)).train()
@@ -287,9 +321,10 @@ def _report_module(generator: Any) -> Any:
             super().__init__()
             self.model, self.objective = model, nn.Module()
 
-        def forward(self, tokens: Any, positions: Any, mask: Any, reports: list[str]) -> Any:
+        def forward(self, tokens: Any, positions: Any, mask: Any, reports: list[str],
+                    finding_labels: Any = None) -> Any:
             ids = self.model.tokenize_reports(reports, device=tokens.device)
-            return self.model(tokens, positions, mask, **ids)["loss"]
+            return self.model(tokens, positions, mask, **ids, finding_labels=finding_labels)
 
     return _Module(generator)
 
@@ -350,11 +385,21 @@ def finetune(cfg: ReportConfig, *, resume_from: Path | None = None, generator: A
     if len(idx) < 1:
         raise ConfigError(f"data.train_split {cfg.data.train_split!r} has no studies")
     reports = [train.store.records[train.indices[i]].report for i in idx]
+    names = list(generator.config.findings)
+    targets = finding_targets(reports, cfg.labeller, names) if names else None
     frozen = generator.encoder_frozen
     if frozen and features is None:
         features = study_features(generator, train, idx, overlap=cfg.data.overlap,
                                   crop_batch=cfg.data.crop_batch, progress=progress,
                                   desc=f"crop tokens {cfg.data.train_split}")
+    if generator.config.resampler.location_grid and resume_from is None:
+        # per-location token statistics of the training studies (a resumed run restores them)
+        fit = features if frozen else study_features(
+            generator, train, idx[:LOCATION_FIT_STUDIES], overlap=cfg.data.overlap,
+            crop_batch=cfg.data.crop_batch, progress=progress, desc="location statistics")
+        info = generator.resampler.fit_location_stats([f[0] for f in fit], [f[1] for f in fit])
+        log.info("location statistics: %d cells from %d tokens of %d studies", info["cells"],
+                 info["tokens"], len(fit))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", cfg.model_dump_json(indent=2))
@@ -405,7 +450,9 @@ def finetune(cfg: ReportConfig, *, resume_from: Path | None = None, generator: A
             tokens, pos, mask = pad_studies([p[0] for p in parts], [p[1] for p in parts])
             dev = accelerator.device
             with accelerator.accumulate(module):
-                loss = module(tokens.to(dev), pos.to(dev), mask.to(dev), [reports[j] for j in mine])
+                out = module(tokens.to(dev), pos.to(dev), mask.to(dev), [reports[j] for j in mine],
+                             None if targets is None else targets[mine].to(dev))
+                loss = out["loss"]
                 finite = bool(torch.isfinite(loss.detach()))
                 grad_norm = math.nan
                 if finite:
@@ -421,9 +468,13 @@ def finetune(cfg: ReportConfig, *, resume_from: Path | None = None, generator: A
             state["batch_in_epoch"] += 1
             state["skipped_steps"] += not (finite and math.isfinite(grad_norm))
             value = accelerator.reduce(loss.detach().float(), "mean").item()
-            record = {"step": state["step"], "epoch": state["epoch"], "loss": value, "lr": lr,
-                      "grad_norm": grad_norm, "skipped": not finite,
+            record = {"step": state["step"], "epoch": state["epoch"], "loss": value,
+                      "lm_loss": accelerator.reduce(out["lm_loss"].detach().float(), "mean").item(),
+                      "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
                       "time": time.perf_counter() - t0}
+            if "finding_loss" in out:
+                record["finding_loss"] = accelerator.reduce(
+                    out["finding_loss"].detach().float(), "mean").item()
             if accelerator.is_main_process:
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
@@ -687,7 +738,7 @@ def evidence_markdown(result: dict[str, Any]) -> str:
         cells = ["–" if p["f1"] is None else f"{p['f1']:.2f}" for p in per]
         lines.append(f"| {f} | {per[0]['support']} | " + " | ".join(cells) + " |")
     for n, path in result.get("files", {}).items():
-        if "generator" not in n or not Path(path).is_file():
+        if n.startswith(("(a)", "(b)")) or not Path(path).is_file():
             continue
         texts = [json.loads(line)["generated"] for line in
                  Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -722,28 +773,71 @@ def update_docs_section(path: Path, section: str) -> None:
     write_text_atomic(path, text)
 
 
-def _cached(path: Path, compute: Any, count: int) -> list[tuple[Any, Any]]:
-    """Crop tokens from ``path`` when it holds ``count`` studies, else computed and saved there
-    (safetensors, atomic): a rerun of the evidence skips the encoder passes."""
+def _cached(path: Path, compute: Any, key: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """Crop tokens from ``path`` when it was written for the same ``key`` (store, split, study
+    ids, encoder weights, crop settings), else computed and saved there (safetensors with the
+    key as metadata, atomic): a rerun of the evidence skips the encoder passes, and a changed
+    store or checkpoint never reuses stale tokens."""
+    import hashlib
+
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     if path.is_file():
-        state = load_file(str(path))
-        if len(state) == 2 * count:
+        with safe_open(str(path), framework="pt") as fh:
+            same = (fh.metadata() or {}).get("key") == digest
+        if same:
+            state = load_file(str(path))
             log.info("crop tokens from %s", path)
-            return [(state[f"{i}.tokens"], state[f"{i}.positions"]) for i in range(count)]
+            return [(state[f"{i}.tokens"], state[f"{i}.positions"])
+                    for i in range(len(state) // 2)]
+        log.info("%s was computed for other inputs; recomputing", path)
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({**{f"{i}.tokens": t.contiguous() for i, (t, _) in enumerate(feats)},
-               **{f"{i}.positions": p.contiguous() for i, (_, p) in enumerate(feats)}}, str(tmp))
+               **{f"{i}.positions": p.contiguous() for i, (_, p) in enumerate(feats)}}, str(tmp),
+              metadata={"key": digest})
     tmp.replace(path)
     return feats
 
 
+#: The chance-level row of the evidence table: a training report drawn at random per test study.
+RANDOM_REPORT = "(d) a random training report (chance level)"
+
+
+def random_reports(train_reports: list[str], n: int, seed: int) -> list[str]:
+    """Baseline (d): for each of ``n`` test studies a training report drawn uniformly at random
+    (seeded). Its clinical F1 is what matching the findings' prevalence alone gives (about the
+    prevalence for each finding), the level a generator must clear to be reading the image."""
+    import numpy as np
+
+    if not train_reports:
+        raise ValueError("random_reports needs training reports")
+    pick = np.random.default_rng([seed, 4]).integers(0, len(train_reports), size=n)
+    return [train_reports[int(i)] for i in pick]
+
+
+#: The ``ablations`` arms of :func:`report_evidence`: name → (file stem, config overrides).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ablation: T3D encoder, no location standardisation": (
+        "ablation_no_location", {"generator.resampler.location_grid": 0}),
+    "ablation: T3D encoder, no finding loss": (
+        "ablation_no_finding_loss", {"generator.finding_loss_weight": 0.0}),
+}
+
+
+def _weights_digest(cfg: ReportConfig) -> str:
+    """sha256 of the checkpoint's weights file (names the encoder in the token cache key)."""
+    from t3d_train.suite import checkpoint_record
+
+    return checkpoint_record(Path(cfg.model.checkpoint))["sha256"]
+
+
 def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples: int = 1000,
                     docs: Path | None = None, command: str = "", machine: str = "this machine",
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, ablations: bool = False) -> dict[str, Any]:
     """Generator on the T3D encoder of ``cfg.model.checkpoint`` vs the baselines, one table.
 
     Arms, all fine-tuned with ``cfg`` on ``data.train_split`` and scored on ``data.test_split``:
@@ -754,6 +848,8 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples:
     ``run.output_dir/features/``, so a rerun skips the encoder passes). Writes
     ``run.output_dir/`` ``report_evidence.json``, ``report_evidence.md``, one JSONL per system
     and each arm's run folder; with ``docs``, the "Report generation" section of that file.
+    ``ablations`` adds two more generators on the T3D encoder's tokens, each without one of
+    the parts that make the prefix informative (:data:`ABLATIONS`), scored in the same table.
     """
     check_report_inputs(cfg)
     if cfg.model.checkpoint is None:
@@ -793,16 +889,21 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples:
         arm_cfg.model.checkpoint = cfg.model.checkpoint if arm == "t3d" else None
         gen = build_generator(arm_cfg, encoder_model=enc)
         t0 = time.perf_counter()
+        key = {"store": str(Path(cfg.data.store).resolve()), "overlap": cfg.data.overlap,
+               "encoder": (f"{Path(cfg.model.checkpoint).resolve()}:{_weights_digest(cfg)}"
+                           if arm == "t3d" else f"random:{cfg.model.preset}:{cfg.run.seed}"),
+               "vision": t3d.config.vision.model_dump(), "preprocessing": prep.model_dump()}
+        train_ids = [train.store.records[train.indices[i]].study_id for i in tr]
         f_tr = _cached(out / "features" / f"{arm}-{cfg.data.train_split}.safetensors",
                        lambda gen=gen, arm=arm: study_features(
                            gen, train, tr, overlap=cfg.data.overlap,
                            crop_batch=cfg.data.crop_batch, progress=progress,
-                           desc=f"{arm} crop tokens train"), len(tr))
+                           desc=f"{arm} crop tokens train"), {**key, "studies": train_ids})
         test_feats[arm] = _cached(out / "features" / f"{arm}-{cfg.data.test_split}.safetensors",
                                   lambda gen=gen, arm=arm: study_features(
                                       gen, test, te, overlap=cfg.data.overlap,
                                       crop_batch=cfg.data.crop_batch, progress=progress,
-                                      desc=f"{arm} crop tokens test"), len(te))
+                                      desc=f"{arm} crop tokens test"), {**key, "studies": ids})
         timing["features"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         summary = finetune(arm_cfg, generator=gen, features=f_tr, progress=progress)
@@ -810,6 +911,26 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples:
         log.info("%s", summary["text"])
         t0 = time.perf_counter()
         generated[arm] = generate_for(gen, test_feats[arm], cfg.generate, progress)
+        timing["generate"] += time.perf_counter() - t0
+        if arm == "t3d":
+            t3d_train_feats = f_tr
+    ablated: dict[str, list[str]] = {}
+    for name, (slug, overrides) in (ABLATIONS.items() if ablations else ()):
+        arm_cfg = cfg.model_copy(deep=True)
+        for field, value in overrides.items():
+            section, key_ = field.rsplit(".", 1)
+            target = arm_cfg
+            for part in section.split("."):
+                target = getattr(target, part)
+            setattr(target, key_, value)
+        arm_cfg.run.output_dir = out / slug
+        gen = build_generator(arm_cfg, encoder_model=t3d)
+        t0 = time.perf_counter()
+        summary = finetune(arm_cfg, generator=gen, features=t3d_train_feats, progress=progress)
+        timing["finetune"] += time.perf_counter() - t0
+        log.info("%s: %s", name, summary["text"])
+        t0 = time.perf_counter()
+        ablated[name] = generate_for(gen, test_feats["t3d"], cfg.generate, progress)
         timing["generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     grid = 1
@@ -821,13 +942,16 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples:
         "(b) nearest training report (T3D retrieval)": nearest_report(t3d, vol_emb, train_reports),
         "generator, T3D encoder": generated["t3d"],
         "(c) generator, random encoder": generated["random"],
+        RANDOM_REPORT: random_reports(train_reports, len(te), cfg.run.seed),
+        **ablated,
     }
     systems, files = {}, {}
     for name, texts in systems_text.items():
         rows = [{"study_id": i, "generated": g, "reference": r}
                 for i, g, r in zip(ids, texts, refs, strict=True)]
-        stem = {"(a)": "baseline_a", "(b)": "baseline_b", "(c)": "generator_random"}.get(
-            name[:3], "generator_t3d")
+        stem = {"(a)": "baseline_a", "(b)": "baseline_b", "(c)": "generator_random",
+                "(d)": "baseline_d"}.get(
+            name[:3], ABLATIONS[name][0] if name in ABLATIONS else "generator_t3d")
         files[name] = str(write_jsonl(rows, out / f"{stem}.jsonl"))
         systems[name] = score_rows(rows, cfg.labeller, n_resamples=n_resamples, seed=0)
     truth = systems["generator, T3D encoder"]["clinical"]["truth"]
@@ -847,7 +971,10 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples:
         "train_studies": len(tr), "test_studies": len(te), "steps": cfg.optim.max_steps,
         "batch_size": cfg.optim.batch_size,
         "generator": (f"frozen encoder, {cfg.generator.resampler.num_queries} learned queries x "
-                      f"{cfg.generator.resampler.depth} cross-attention layers, decoder "
+                      f"{cfg.generator.resampler.depth} cross-attention layers (tokens "
+                      f"standardised per cell of a {cfg.generator.resampler.location_grid}³ "
+                      f"location grid), auxiliary finding loss weight "
+                      f"{cfg.generator.finding_loss_weight}, decoder "
                       f"{d.model_name_or_path or d.model_type} {json.dumps(d.config)} "
                       f"(tokenizer {d.tokenizer or 'the decoder'}), prefix conditioning"),
         "decoding": (f"{'greedy' if cfg.generate.num_beams == 1 else f'beam {cfg.generate.num_beams}'}"
