@@ -97,10 +97,11 @@ NOT_RUN: dict[str, str] = {
     r"uv run python tools/generate_reports\.py .*":
         "needs a fine-tuned generator: tests/test_report_tools.py::test_finetune_resume_generate_and_score "
         "runs both forms",
-    r"uv run t3d-data demo runs/report-data/n280-64 .*":
-        "a 280-study store (~1.5 min): the code of `uv run t3d-data demo data/demo`, run here small",
+    r"uv run t3d-data demo runs/report-data/n600-64-s1 .*":
+        "a 600-study store (~1.5 min): the code of `uv run t3d-data demo data/demo`, run here small",
     r"uv run python tools/report_evidence\.py .*":
-        "~40 min: tests/test_report_tools.py::test_evidence_table_and_docs_section runs it on a tiny store",
+        "~17 min: tests/test_report_tools.py::test_evidence_table_and_docs_section runs it (with "
+        "--ablations) on a tiny store",
     r"MANIFEST=\S+ STORE=\S+ SHARDS=16 tools/slurm/prepare_store\.sh":
         "needs Slurm: tests/test_slurm_templates.py::test_sharded_prepare_array_then_dependent_index_job",
     r"sbatch --nodes=4 tools/slurm/pretrain_multinode\.sbatch":

@@ -47,6 +47,8 @@ def test_finetune_resume_generate_and_score(store, tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001",
                                                                        "step-00000002"]
     first = json.loads((run / "log.jsonl").read_text(encoding="utf-8").splitlines()[1])
+    # the logged loss is the token loss plus the weighted finding loss (weight 1 in the config)
+    assert first["loss"] == pytest.approx(first["lm_loss"] + first["finding_loss"], rel=1e-4)
     # resume from the newest checkpoint: the log holds each step once, step 2's record unchanged
     assert finetune([*args, "--set", "optim.max_steps=3", "--resume", "latest"]) == 0
     assert _log_steps(run) == [1, 2, 3]
@@ -54,6 +56,23 @@ def test_finetune_resume_generate_and_score(store, tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 3 and summary["encoder"] == "frozen"
     assert summary["encoder_source"] == "random:t3d-tiny-cpu"
+
+    from t3d_eval.report_labeller import vocabulary
+    from t3d_models.report import ReportGenerator
+    from t3d_train.report import finding_targets
+
+    model = ReportGenerator.from_pretrained(run / "model")
+    assert model.config.findings == [r.name for r in vocabulary("phantom")]
+    assert bool(model.resampler.location_fitted)  # fitted on the training tokens, saved
+    reports = [r.report for r in VolumeDataset(store, split="train").store.records
+               if r.split == "train"]
+    targets = finding_targets(reports, "phantom", model.config.findings)
+    from t3d_eval.report_labeller import PHANTOM_RULES, ReportLabeller
+
+    assert targets.tolist() == [[float(x) for x in row]
+                                for row in ReportLabeller(PHANTOM_RULES).positives(reports)]
+    with pytest.raises(Exception, match="not in the 'ct-rate' labeller"):
+        finding_targets(reports, "ct-rate", ["kidney_cyst"])
 
     out = tmp_path / "gen.jsonl"
     gen = _main("generate_reports.py")

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the 'Report generation' section of --results-md")
     parser.add_argument("--results-md", type=Path, default=Path(DOCS),
                         help=f"the results file --update-docs writes (default {DOCS})")
-    parser.add_argument("--budget-minutes", type=int, default=40, help="stated in the table")
+    parser.add_argument("--budget-minutes", type=int, default=30, help="stated in the table")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--ablations", action="store_true",
                         help="also fine-tune the generator on the T3D tokens without location "

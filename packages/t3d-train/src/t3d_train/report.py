@@ -835,7 +835,7 @@ def _weights_digest(cfg: ReportConfig) -> str:
     return checkpoint_record(Path(cfg.model.checkpoint))["sha256"]
 
 
-def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 40, n_resamples: int = 1000,
+def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 30, n_resamples: int = 1000,
                     docs: Path | None = None, command: str = "", machine: str = "this machine",
                     progress: bool = False, ablations: bool = False) -> dict[str, Any]:
     """Generator on the T3D encoder of ``cfg.model.checkpoint`` vs the baselines, one table.
