@@ -71,20 +71,7 @@ class T3DModel(nn.Module):
             freeze_layers=tc.freeze_layers,
             pretrained=tc.pretrained and text_source is None,
         )
-        self.vision = SwinUNETRBackbone(
-            feature_size=vc.feature_size,
-            window_size=vc.window_size,
-            depths=vc.depths,
-            num_heads=vc.num_heads,
-            in_channels=vc.in_channels,
-            use_checkpoint=vc.use_checkpoint,
-            use_v2=vc.use_v2,
-            norm_name=vc.norm_name,
-            token_stage=vc.token_stage,
-            restoration=config.restoration,
-            attention=vc.attention,
-            channels_last=vc.channels_last,
-        )
+        self.vision = SwinUNETRBackbone.from_config(vc, restoration=config.restoration)
         cv = self.vision.token_channels
         self.interactor = Interactor(
             visual_dim=cv,

@@ -410,12 +410,7 @@ class ReportGenerator(nn.Module):
         if vision is None:
             from .vision import SwinUNETRBackbone
 
-            vc = config.vision
-            vision = SwinUNETRBackbone(feature_size=vc.feature_size, window_size=vc.window_size,
-                                       depths=vc.depths, num_heads=vc.num_heads,
-                                       in_channels=vc.in_channels, use_checkpoint=vc.use_checkpoint,
-                                       use_v2=vc.use_v2, norm_name=vc.norm_name,
-                                       token_stage=vc.token_stage, restoration=False)
+            vision = SwinUNETRBackbone.from_config(config.vision, restoration=False)
         self.vision = vision
         hidden = self.decoder.get_input_embeddings().embedding_dim
         self.resampler = VisualResampler(self.vision.token_channels, hidden, config.resampler)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import VisionConfig
 
 __all__ = ["ATTENTION_KINDS", "DECODER_MODULES", "ENCODER_MODULES", "SwinUNETRBackbone",
            "VisionFeatures", "check_crop_size", "use_sdpa_attention"]
@@ -191,6 +195,16 @@ class SwinUNETRBackbone(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.swin.to(memory_format=torch.channels_last_3d)
+
+    @classmethod
+    def from_config(cls, vc: VisionConfig, restoration: bool = True) -> SwinUNETRBackbone:
+        """The backbone a :class:`~t3d_models.config.VisionConfig` describes (every field that
+        is a backbone argument), random weights."""
+        return cls(feature_size=vc.feature_size, window_size=vc.window_size, depths=vc.depths,
+                   num_heads=vc.num_heads, in_channels=vc.in_channels,
+                   use_checkpoint=vc.use_checkpoint, use_v2=vc.use_v2, norm_name=vc.norm_name,
+                   token_stage=vc.token_stage, restoration=restoration,
+                   attention=vc.attention, channels_last=vc.channels_last)
 
     @property
     def token_channels(self) -> int:
