@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from t3d_train.config import ConfigError
+from t3d_train.config import ConfigError, apply_overrides
 from t3d_train.eval_config import ModelSection, RuntimeSection
 
 log = logging.getLogger("t3d.report")
@@ -467,14 +467,15 @@ def finetune(cfg: ReportConfig, *, resume_from: Path | None = None, generator: A
             state["step"] += 1
             state["batch_in_epoch"] += 1
             state["skipped_steps"] += not (finite and math.isfinite(grad_norm))
-            value = accelerator.reduce(loss.detach().float(), "mean").item()
+            # the logged losses, averaged over processes in one all-reduce
+            logged = [k for k in ("loss", "lm_loss", "finding_loss") if k in out]
+            means = accelerator.reduce(torch.stack([out[k].detach().float() for k in logged]),
+                                       "mean").tolist()
+            value = means[0]
             record = {"step": state["step"], "epoch": state["epoch"], "loss": value,
-                      "lm_loss": accelerator.reduce(out["lm_loss"].detach().float(), "mean").item(),
-                      "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
-                      "time": time.perf_counter() - t0}
-            if "finding_loss" in out:
-                record["finding_loss"] = accelerator.reduce(
-                    out["finding_loss"].detach().float(), "mean").item()
+                      "lm_loss": means[1], "lr": lr, "grad_norm": grad_norm,
+                      "skipped": not finite, "time": time.perf_counter() - t0,
+                      **dict(zip(logged[2:], means[2:], strict=True))}
             if accelerator.is_main_process:
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
@@ -781,17 +782,15 @@ def _cached(path: Path, compute: Any, key: dict[str, Any]) -> list[tuple[Any, An
     import hashlib
 
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
-            same = (fh.metadata() or {}).get("key") == digest
-        if same:
-            state = load_file(str(path))
-            log.info("crop tokens from %s", path)
-            return [(state[f"{i}.tokens"], state[f"{i}.positions"])
-                    for i in range(len(state) // 2)]
+            if (fh.metadata() or {}).get("key") == digest:
+                log.info("crop tokens from %s", path)
+                return [(fh.get_tensor(f"{i}.tokens"), fh.get_tensor(f"{i}.positions"))
+                        for i in range(len(fh.keys()) // 2)]
         log.info("%s was computed for other inputs; recomputing", path)
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -819,12 +818,12 @@ def random_reports(train_reports: list[str], n: int, seed: int) -> list[str]:
     return [train_reports[int(i)] for i in pick]
 
 
-#: The ``ablations`` arms of :func:`report_evidence`: name → (file stem, config overrides).
-ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+#: The ``ablations`` arms of :func:`report_evidence`: name → (file stem, ``--set`` overrides).
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "ablation: T3D encoder, no location standardisation": (
-        "ablation_no_location", {"generator.resampler.location_grid": 0}),
+        "ablation_no_location", ["generator.resampler.location_grid=0"]),
     "ablation: T3D encoder, no finding loss": (
-        "ablation_no_finding_loss", {"generator.finding_loss_weight": 0.0}),
+        "ablation_no_finding_loss", ["generator.finding_loss_weight=0"]),
 }
 
 
@@ -880,6 +879,7 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 30, n_resamples:
     train_reports = [train.store.records[train.indices[i]].report for i in tr]
     refs = [test.store.records[test.indices[i]].report for i in te]
     ids = [test.store.records[test.indices[i]].study_id for i in te]
+    train_ids = [train.store.records[train.indices[i]].study_id for i in tr]
     timing = {"features": 0.0, "finetune": 0.0, "generate": 0.0, "score": 0.0}
     generated: dict[str, list[str]] = {}
     test_feats: dict[str, Any] = {}
@@ -893,7 +893,6 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 30, n_resamples:
                "encoder": (f"{Path(cfg.model.checkpoint).resolve()}:{_weights_digest(cfg)}"
                            if arm == "t3d" else f"random:{cfg.model.preset}:{cfg.run.seed}"),
                "vision": t3d.config.vision.model_dump(), "preprocessing": prep.model_dump()}
-        train_ids = [train.store.records[train.indices[i]].study_id for i in tr]
         f_tr = _cached(out / "features" / f"{arm}-{cfg.data.train_split}.safetensors",
                        lambda gen=gen, arm=arm: study_features(
                            gen, train, tr, overlap=cfg.data.overlap,
@@ -916,13 +915,8 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 30, n_resamples:
             t3d_train_feats = f_tr
     ablated: dict[str, list[str]] = {}
     for name, (slug, overrides) in (ABLATIONS.items() if ablations else ()):
-        arm_cfg = cfg.model_copy(deep=True)
-        for field, value in overrides.items():
-            section, key_ = field.rsplit(".", 1)
-            target = arm_cfg
-            for part in section.split("."):
-                target = getattr(target, part)
-            setattr(target, key_, value)
+        arm_cfg = ReportConfig.model_validate(apply_overrides(json.loads(cfg.model_dump_json()),
+                                                              list(overrides)))
         arm_cfg.run.output_dir = out / slug
         gen = build_generator(arm_cfg, encoder_model=t3d)
         t0 = time.perf_counter()
@@ -946,12 +940,12 @@ def report_evidence(cfg: ReportConfig, *, budget_minutes: int = 30, n_resamples:
         **ablated,
     }
     systems, files = {}, {}
+    stems = {"(a)": "baseline_a", "(b)": "baseline_b", "(c)": "generator_random",
+             "(d)": "baseline_d"}
     for name, texts in systems_text.items():
         rows = [{"study_id": i, "generated": g, "reference": r}
                 for i, g, r in zip(ids, texts, refs, strict=True)]
-        stem = {"(a)": "baseline_a", "(b)": "baseline_b", "(c)": "generator_random",
-                "(d)": "baseline_d"}.get(
-            name[:3], ABLATIONS[name][0] if name in ABLATIONS else "generator_t3d")
+        stem = stems.get(name[:3]) or ABLATIONS.get(name, ("generator_t3d",))[0]
         files[name] = str(write_jsonl(rows, out / f"{stem}.jsonl"))
         systems[name] = score_rows(rows, cfg.labeller, n_resamples=n_resamples, seed=0)
     truth = systems["generator, T3D encoder"]["clinical"]["truth"]
